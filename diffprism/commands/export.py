@@ -1,0 +1,39 @@
+"""diffprism export SOURCE --out DIR: trace every component once and write the ONNX tree + references."""
+from __future__ import annotations
+
+import argparse
+
+from diffprism.commands.common import add_components, add_shapes, out_dir, shapes_from
+from diffprism.jobs import export_job
+from diffprism.lock import folder_lock
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export a pipeline to an ONNX tree with PyTorch references")
+    p.add_argument("source", help="diffusers folder, Hub id (org/name), or preset (tiny-sd, tiny-sd2, tiny-sdxl, "
+                   "sd15-random, sdxl-random)")
+    p.add_argument("--out", required=True, type=out_dir, help="output folder")
+    add_components(p)
+    add_shapes(p)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, default 18)")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickled weights (.bin/.ckpt): only for sources you trust")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, ui) -> int:
+    shapes = shapes_from(args)
+    request = {"command": "export", "source": args.source, "components": args.components, "opset": args.opset,
+               "batch": args.batch, "size": args.size, "sequence": args.sequence}
+    with folder_lock(args.out), ui.progress("export") as update:
+        result = export_job(args.source, args.out, components=args.components, shapes=shapes, opset=args.opset,
+                            allow_pickle=args.allow_pickle, revision=args.revision, progress=update, request=request)
+    rows = []
+    for c in result.components:
+        dims = ", ".join(f"{d.name} {d.min}..{d.max}" for d in c.spec.dims if not d.is_static)
+        rows.append([c.name, dims, f"{c.seconds:.1f}s", f"{c.onnx_bytes / 1e6:.1f} MB"])
+    ui.table(f"exported {result.family} pipeline to {result.tree}", ["component", "dynamic dims", "time", "size"], rows)
+    ui.emit({"ok": True, "tree": str(result.tree), "family": result.family,
+             "components": {c.name: {"seconds": c.seconds, "bytes": c.onnx_bytes} for c in result.components}})
+    return 0

@@ -1,0 +1,132 @@
+"""The front door's jobs: export, validate, compile. The CLI and the build recipe both call these."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from diffprism import manifest, sources
+from exporters.errors import SourceError, UsageError
+from exporters.export import ONNX_DIR, REFERENCE_DIR, ExportResult, export_pipeline
+from exporters.files import clean_staging, write_json_atomic
+from exporters.spec import ComponentSpec, ShapeRequest
+from exporters.tree import read_tree_info
+from targets.base import get_target
+from validation.policy import Policy
+from validation.validate import ValidationResult, validate
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+Progress = Callable[[str], None]
+
+
+def export_job(source: str, out: Path, *, components: list[str] | None = None, shapes: ShapeRequest = ShapeRequest(),
+               opset: int = 18, allow_pickle: bool = False, revision: str | None = None,
+               progress: Progress | None = None, request: dict[str, Any] | None = None) -> ExportResult:
+    manifest.check_output_folder(out)
+    clean_staging(out)
+    if progress:
+        progress(f"loading {source}")
+    src = sources.load(source, allow_pickle=allow_pickle, revision=revision)
+    result = export_pipeline(
+        src.pipeline, out, components=components, shapes=shapes, opset=opset, source_info=src.info,
+        progress=(lambda c, s: progress(f"{c}: {s}")) if progress else None,
+    )
+    data = manifest.new(request or {"command": "export", "source": source})
+    data["source"] = src.info
+    data["stages"]["export"] = {
+        "family": result.family,
+        "opset": opset,
+        "components": {
+            c.name: {"seconds": round(c.seconds, 2), "bytes": c.onnx_bytes, "spec": c.spec.to_json()}
+            for c in result.components
+        },
+    }
+    manifest.write(out, data)
+    return result
+
+
+def tree_specs(out: Path) -> tuple[dict[str, Any], dict[str, ComponentSpec]]:
+    tree = out / ONNX_DIR
+    if not tree.is_dir():
+        raise SourceError(f"{out} has no exported ONNX tree ({ONNX_DIR}/)", "run 'diffprism export SOURCE --out DIR' first")
+    return read_tree_info(tree)
+
+
+def select(specs: dict[str, ComponentSpec], components: list[str] | None) -> dict[str, ComponentSpec]:
+    if not components:
+        return specs
+    unknown = [c for c in components if c not in specs]
+    if unknown:
+        raise UsageError(f"component(s) {unknown} are not in this export", f"exported: {list(specs)}")
+    return {n: s for n, s in specs.items() if n in components}
+
+
+def validate_job(out: Path, *, target: str = "onnxruntime", precision: str = "fp32",
+                 components: list[str] | None = None, policy: Policy = Policy(),
+                 runner_options: dict[str, Any] | None = None, progress: Progress | None = None) -> ValidationResult:
+    _, specs = tree_specs(out)
+    specs = select(specs, components)
+    tgt = get_target(target)
+    config = tgt.config(precision=precision)
+    artifacts = tgt.output_dir(out, config)
+    if not artifacts.is_dir():
+        raise SourceError(f"no {target} {precision} artifacts at {artifacts}",
+                          f"run 'diffprism compile {out} --target {target} --precision {precision}' first")
+    options = runner_options or {}
+    result = validate(specs, lambda spec: tgt.runner(artifacts, spec, **options), out / REFERENCE_DIR,
+                      target=target, precision=precision, policy=policy, progress=progress)
+    record_validation(out, result)
+    return result
+
+
+def record_validation(out: Path, result: ValidationResult) -> None:
+    """Merge the verdict into report/validation.json and the manifest (manifest last)."""
+    key = f"{result.target}-{result.precision}"
+    report_path = out / REPORT_DIR / "validation.json"
+    report = _read_json(report_path)
+    report.setdefault("results", {})[key] = result.to_json()
+    write_json_atomic(report_path, report)
+    data = manifest.load(out) or manifest.new({"command": "validate"})
+    data.setdefault("validation", {})[key] = {
+        "passed": result.passed,
+        "status": result.status,
+        "comparisons": len(result.comparisons),
+        "failed": sum(not c.passed for c in result.comparisons),
+        "runner": result.runner,
+    }
+    manifest.write(out, data)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("ignoring unreadable %s", path)
+    return {}
+
+
+def compile_job(out: Path, *, target: str, precision: str, components: list[str] | None = None,
+                options: dict[str, Any] | None = None, progress: Progress | None = None):
+    """Plan and build one target variant from the ONNX tree; records it in the manifest."""
+    _, specs = tree_specs(out)
+    specs = select(specs, components)
+    tgt = get_target(target)
+    config = tgt.config(precision=precision, components=components, **(options or {}))
+    plan = tgt.plan(out / ONNX_DIR, specs, config)
+    if progress:
+        progress(f"building {target} {precision}")
+    result = tgt.build(plan, out)
+    data = manifest.load(out) or manifest.new({"command": "compile"})
+    data.setdefault("targets", {})[f"{target}-{precision}"] = {
+        "dir": result.out_dir.relative_to(out).as_posix() if result.out_dir.is_relative_to(out) else str(result.out_dir),
+        "config": config.model_dump(),
+        "details": result.details,
+        "note": result.note,
+    }
+    manifest.write(out, data)
+    return result

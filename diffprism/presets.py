@@ -1,0 +1,186 @@
+"""Built-in pipelines with seeded random weights, built in-process: no network, nothing downloaded.
+
+Tiny presets serve the demo and tests; full-size ones (sd15-random, sdxl-random) serve
+benchmarks with the real architectures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Callable
+
+import torch
+
+from exporters.errors import SourceError
+
+TOKENIZER_MAX_LENGTH = 77
+
+
+def tokenizer():
+    """CLIP BPE tokenizer over the small vocabulary shipped with the package."""
+    from transformers import CLIPTokenizer
+
+    root = resources.files("diffprism") / "assets" / "tokenizer"
+    with resources.as_file(root / "vocab.json") as vocab, resources.as_file(root / "merges.txt") as merges:
+        return CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=TOKENIZER_MAX_LENGTH)
+
+
+def _text_encoder(seed: int, with_projection: bool = False, **overrides):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tok_vocab = len(tokenizer())
+    cfg = dict(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH, vocab_size=tok_vocab, projection_dim=32,
+        bos_token_id=tok_vocab - 2, eos_token_id=tok_vocab - 1, pad_token_id=tok_vocab - 1, layer_norm_eps=1e-5,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(**cfg)).eval()
+
+
+def _vae(seed: int, **overrides):
+    from diffusers import AutoencoderKL
+
+    cfg = dict(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+        sample_size=64,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return AutoencoderKL(**cfg).eval()
+
+
+def _unet(seed: int, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**cfg).eval()
+
+
+def _sd(unet, vae, text_encoder, scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _sdxl(unet, vae, te1, te2, scheduler):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer(), tokenizer_2=tokenizer(),
+        unet=unet, scheduler=scheduler,
+    )
+
+
+def _ddim(**kw):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, **kw)
+
+
+def _euler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+
+
+def tiny_sd(seed: int = 0):
+    return _sd(_unet(seed), _vae(seed + 1), _text_encoder(seed + 2), _ddim())
+
+
+def tiny_sd2(seed: int = 0):
+    # SD 2.x: v-prediction, linear projections in the transformer blocks, per-level head dims.
+    unet = _unet(seed, use_linear_projection=True, attention_head_dim=(2, 4))
+    return _sd(unet, _vae(seed + 1), _text_encoder(seed + 2, hidden_act="gelu"), _ddim(prediction_type="v_prediction"))
+
+
+def tiny_sdxl(seed: int = 0):
+    # SDXL: two text encoders (hidden 32 each -> cross attention 64), text_time added conditioning.
+    unet = _unet(
+        seed, use_linear_projection=True, attention_head_dim=(2, 4), addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+    )
+    te1 = _text_encoder(seed + 2)
+    te2 = _text_encoder(seed + 3, with_projection=True)
+    return _sdxl(unet, _vae(seed + 1, force_upcast=True), te1, te2, _euler())
+
+
+def sd15_random(seed: int = 0):
+    """SD 1.5 architecture (860M UNet, CLIP ViT-L text encoder, KL VAE) with random weights."""
+    unet = _unet(
+        seed, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    return _sd(unet, _full_vae(seed + 1), _clip_l(seed + 2), _ddim())
+
+
+def sdxl_random(seed: int = 0):
+    """SDXL base architecture (2.6B UNet, CLIP-L + OpenCLIP bigG, KL VAE) with random weights."""
+    unet = _unet(
+        seed, block_out_channels=(320, 640, 1280), layers_per_block=2, sample_size=128, cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    te2 = _text_encoder(
+        seed + 3, with_projection=True, hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+        num_hidden_layers=32, projection_dim=1280, hidden_act="gelu", vocab_size=49408,
+    )
+    return _sdxl(unet, _full_vae(seed + 1, force_upcast=True), _clip_l(seed + 2), te2, _euler())
+
+
+def _full_vae(seed: int, **kw):
+    return _vae(
+        seed, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, **kw,
+    )
+
+
+def _clip_l(seed: int):
+    return _text_encoder(
+        seed, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+        projection_dim=768, hidden_act="quick_gelu", vocab_size=49408,
+    )
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    build: Callable[..., Any]
+    description: str
+    tiny: bool
+
+
+PRESETS = {
+    p.name: p
+    for p in (
+        Preset("tiny-sd", tiny_sd, "SD 1.x style, tiny, random weights", True),
+        Preset("tiny-sd2", tiny_sd2, "SD 2.x style (v-prediction, linear projection), tiny", True),
+        Preset("tiny-sdxl", tiny_sdxl, "SDXL style (two text encoders, text_time), tiny", True),
+        Preset("sd15-random", sd15_random, "SD 1.5 architecture, random weights (benchmarks)", False),
+        Preset("sdxl-random", sdxl_random, "SDXL architecture, random weights (benchmarks)", False),
+    )
+}
+
+
+def build(name: str, seed: int = 0):
+    if name not in PRESETS:
+        raise SourceError(f"unknown preset '{name}'", f"choose from {', '.join(PRESETS)}")
+    return PRESETS[name].build(seed)

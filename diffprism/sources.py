@@ -1,0 +1,152 @@
+"""Resolve a source (built-in preset, local diffusers folder, or Hub id) into a loaded pipeline.
+
+Weights load from safetensors only; pickled weights (.bin/.ckpt/.pt) are refused unless
+the caller passes allow_pickle. Remote code is never run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffprism import presets
+from exporters.errors import SourceError
+from exporters.families import SUPPORTED, family_of
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+COMPONENT_DIRS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+@dataclass
+class Source:
+    kind: str  # "preset", "folder", "hub"
+    ref: str
+    pipeline: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and not os.path.exists(text)
+
+
+def load(ref: str, *, allow_pickle: bool = False, revision: str | None = None, seed: int = 0) -> Source:
+    if ref in presets.PRESETS:
+        pipe = presets.build(ref, seed)
+        return Source("preset", ref, pipe, {"kind": "preset", "preset": ref, "seed": seed})
+    path = Path(ref).expanduser()
+    if path.exists() or ref.startswith((".", "/", "~")) or not looks_like_hub_id(ref):
+        return _load_folder(path, allow_pickle)
+    return _load_hub(ref, allow_pickle, revision)
+
+
+def check_folder(path: Path, allow_pickle: bool) -> dict[str, Any]:
+    """Checks a folder before anything is loaded; returns model_index.json."""
+    if not path.exists():
+        raise SourceError(f"model folder {path} does not exist", "pass a diffusers folder, a Hub id or a preset "
+                          f"({', '.join(presets.PRESETS)})")
+    if not path.is_dir():
+        raise SourceError(f"{path} is a file, not a diffusers folder", "pass the folder that holds model_index.json")
+    if not any(path.iterdir()):
+        raise SourceError(f"model folder {path} is empty", "download or save the pipeline into it first")
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
+        raise SourceError(
+            f"{path} is not a diffusers pipeline (no model_index.json)",
+            "save it with pipeline.save_pretrained(folder), or pass the pipeline's root folder",
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{index_path} is not valid JSON ({exc.msg})", "restore the file from the original model") from None
+    class_name = index.get("_class_name", "?")
+    family_of(class_name)  # raises for unsupported classes
+    for sub in COMPONENT_DIRS:
+        d = path / sub
+        if sub not in index or not d.is_dir():
+            continue
+        safes = list(d.glob("*.safetensors"))
+        pickles = [p for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if not safes and pickles and not allow_pickle:
+            raise SourceError(
+                f"{d} has only pickled weights ({pickles[0].name}); pickles can run arbitrary code",
+                "convert them to safetensors, or pass --allow-pickle if you trust the source",
+            )
+        if not safes and not pickles:
+            raise SourceError(f"{d} has no weights", "re-download or re-save the pipeline")
+        for f in safes:
+            _check_safetensors(f)
+    return index
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header without loading tensors: catches truncated or corrupt files early."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            size = path.stat().st_size
+            for key in keys[-1:]:  # the last tensor's end must lie inside the file
+                f.get_slice(key)
+        if size < 8:
+            raise ValueError("file too short")
+    except Exception as exc:
+        raise SourceError(f"corrupt safetensors file {path}: {exc}", "re-download the weights") from None
+
+
+def _load_folder(path: Path, allow_pickle: bool) -> Source:
+    from diffusers import DiffusionPipeline
+
+    index = check_folder(path, allow_pickle)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), use_safetensors=not allow_pickle, local_files_only=True)
+    except Exception as exc:
+        raise SourceError(f"cannot load the pipeline in {path}: {type(exc).__name__}: {_first_line(exc)}",
+                          "check that every component folder is complete") from None
+    info = {"kind": "folder", "path": str(path.resolve()), "class": index.get("_class_name"),
+            "weights_sha256": weights_digest(path)}
+    return Source("folder", str(path), pipe, info)
+
+
+def _load_hub(repo_id: str, allow_pickle: bool, revision: str | None) -> Source:
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(repo_id, revision=revision, use_safetensors=not allow_pickle,
+                                                 trust_remote_code=False)
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") or "connect" in str(exc).lower() or "offline" in str(exc).lower() \
+            or "resolve" in str(exc).lower() or type(exc).__name__ in ("LocalEntryNotFoundError", "OSError")
+        if offline:
+            raise SourceError(
+                f"cannot reach the Hugging Face Hub for '{repo_id}' (offline or no network)",
+                "download the model elsewhere (huggingface-cli download) and pass the local folder",
+            ) from None
+        raise SourceError(f"cannot load '{repo_id}' from the Hub: {_first_line(exc)}",
+                          f"supported pipelines: {', '.join(SUPPORTED)}") from None
+    family_of(type(pipe).__name__)
+    return Source("hub", repo_id, pipe, {"kind": "hub", "repo_id": repo_id, "revision": revision})
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 over the folder's weight files' names, sizes and header bytes (fast content key)."""
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".json", *PICKLE_SUFFIXES):
+            h.update(str(f.relative_to(path)).encode())
+            h.update(str(f.stat().st_size).encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 16))
+    return h.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,1 @@
+"""The trace-and-export core: diffusers pipeline components -> torch.export programs -> ONNX."""

@@ -1,0 +1,97 @@
+"""export_pipeline: split a pipeline, trace each component once, write the ONNX tree and references."""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from exporters import onnx_writer, reference, tree
+from exporters.components import EXPORTERS, dims_for
+from exporters.families import Family, family_of, geometry_of, select_components
+from exporters.files import staged_dir
+from exporters.spec import ComponentSpec, ShapeRequest
+from exporters.trace import trace
+
+log = logging.getLogger(__name__)
+
+ONNX_DIR = "onnx"
+REFERENCE_DIR = "reference"
+
+Progress = Callable[[str, str], None]  # (component, stage) -> None
+
+
+@dataclass
+class ComponentResult:
+    name: str
+    spec: ComponentSpec
+    seconds: float
+    onnx_bytes: int
+
+
+@dataclass
+class ExportResult:
+    tree: Path
+    family: str
+    specs: dict[str, ComponentSpec]
+    components: list[ComponentResult] = field(default_factory=list)
+    references: dict[str, Path] = field(default_factory=dict)
+
+
+def plan_specs(pipe: Any, components: list[str] | None = None, shapes: ShapeRequest = ShapeRequest()
+               ) -> tuple[Family, dict[str, ComponentSpec]]:
+    """The specs an export would use, without tracing anything (checks the shape request)."""
+    family = family_of(type(pipe).__name__)
+    names = select_components(family, components)
+    geometry = geometry_of(pipe, family)
+    dims = dims_for(geometry, shapes)
+    return family, {name: EXPORTERS[name].spec(pipe, geometry, dims) for name in names}
+
+
+def export_component(pipe: Any, spec: ComponentSpec, directory: Path, opset: int) -> tuple[Any, Path]:
+    """Trace one component and write directory/{model.onnx, model.onnx_data, config.json}."""
+    exporter = EXPORTERS[spec.name]
+    module = exporter.module(pipe)
+    wrapper = exporter.wrap(module, spec)
+    program = trace(wrapper, spec)
+    model = onnx_writer.to_onnx(program, spec, opset)
+    path = onnx_writer.save(model, directory)
+    tree.write_component_config(directory, exporter.config(module))
+    del model, program
+    return wrapper, path
+
+
+def export_pipeline(
+    pipe: Any,
+    out: Path,
+    *,
+    components: list[str] | None = None,
+    shapes: ShapeRequest = ShapeRequest(),
+    opset: int = onnx_writer.MIN_OPSET,
+    source_info: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Write <out>/onnx (HF-ONNX tree) and <out>/reference (PyTorch outputs), each atomically."""
+    onnx_writer.check_opset(opset)
+    family, specs = plan_specs(pipe, components, shapes)
+    result = ExportResult(out / ONNX_DIR, family.name, specs)
+    notify = progress or (lambda component, stage: None)
+    with staged_dir(out / ONNX_DIR) as tree_dir, staged_dir(out / REFERENCE_DIR) as ref_dir:
+        for name, spec in specs.items():
+            start = time.perf_counter()
+            notify(name, "export")
+            wrapper, path = export_component(pipe, spec, tree_dir / name, opset)
+            notify(name, "reference")
+            reference.save(reference.compute(wrapper, spec), ref_dir / f"{name}.npz")
+            size = path.stat().st_size + (path.parent / onnx_writer.DATA_NAME).stat().st_size
+            result.components.append(ComponentResult(name, spec, time.perf_counter() - start, size))
+            log.info("exported %s in %.1fs (%d bytes)", name, result.components[-1].seconds, size)
+            del wrapper
+            gc.collect()
+        tree.write_pipeline_files(pipe, tree_dir, family.tokenizers)
+        info = {"family": family.name, "precision": "fp32", "opset": opset, "source": source_info or {}}
+        tree.write_tree_info(tree_dir, info, specs)
+    result.references = {name: out / REFERENCE_DIR / f"{name}.npz" for name in specs}
+    return result

@@ -1,0 +1,43 @@
+"""Deterministic inputs generated from a spec: for tracing, references and validation."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from exporters.spec import ComponentSpec
+
+
+def make_feed(spec: ComponentSpec, point: str | Mapping[str, int] = "opt", seed: int = 0) -> dict[str, np.ndarray]:
+    """One array per input at a shape point; same spec, point and seed give the same bytes."""
+    values = spec.dim_values(point)
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for t in spec.inputs:
+        shape = spec.shape(t, values)
+        dtype = np.dtype(t.dtype)
+        if t.value_range is not None:
+            lo, hi = t.value_range
+            if dtype.kind in "iu":
+                arr = rng.integers(int(lo), int(hi), size=shape, dtype=dtype)
+            else:
+                arr = rng.uniform(lo, hi, size=shape).astype(dtype)
+        else:
+            arr = rng.standard_normal(size=shape).astype(dtype)
+        feed[t.name] = arr
+    return feed
+
+
+def trace_values(spec: ComponentSpec) -> dict[str, int]:
+    """Dim values for tracing: opt, but never 1 or the min/max edge of a dynamic dim.
+
+    torch.export specialises a dim whose example value is 0 or 1, so a dynamic dim
+    must be traced at a value >= 2.
+    """
+    values = {}
+    for d in spec.dims:
+        value = d.opt
+        if not d.is_static and value == 1:
+            value = min(d.max, max(2, d.multiple_of))
+        values[d.name] = value
+    return values

@@ -1,0 +1,303 @@
+"""Component specs: the single source of truth for tensor names, dtypes and dynamic dims.
+
+ONNX dynamic axes, TensorRT optimization profiles, OpenVINO shapes, Core ML flexible
+shapes and validation inputs are all derived from a `ComponentSpec`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from exporters.errors import ShapeError
+
+POINTS = ("min", "opt", "max")
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A dynamic dimension with its range and preferred value (all inclusive)."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+    multiple_of: int = 1
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.min <= self.opt <= self.max):
+            raise ShapeError(
+                f"dim '{self.name}': need 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}",
+                "order the range as MIN:OPT:MAX",
+            )
+        for label in POINTS:
+            value = getattr(self, label)
+            if value % self.multiple_of:
+                raise ShapeError(
+                    f"dim '{self.name}': {label}={value} is not a multiple of {self.multiple_of}",
+                    f"use multiples of {self.multiple_of}",
+                )
+
+    @property
+    def is_static(self) -> bool:
+        return self.min == self.max
+
+    def at(self, point: str) -> int:
+        if point not in POINTS:
+            raise ValueError(f"unknown shape point {point!r}; expected one of {POINTS}")
+        return getattr(self, point)
+
+    def check(self, value: int, what: str = "") -> None:
+        where = f" of {what}" if what else ""
+        if not self.min <= value <= self.max:
+            raise ShapeError(
+                f"dim '{self.name}'{where} = {value} is outside the exported range [{self.min}, {self.max}]",
+                "re-export with a wider range or use a size inside it",
+            )
+        if value % self.multiple_of:
+            raise ShapeError(
+                f"dim '{self.name}'{where} = {value} is not a multiple of {self.multiple_of}",
+                f"use a multiple of {self.multiple_of}",
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "min": self.min, "opt": self.opt, "max": self.max, "multiple_of": self.multiple_of}
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of a tensor that follows a dynamic dim, possibly scaled (image = 8 * latent)."""
+
+    dim: str
+    scale: int = 1
+
+    def label(self) -> str:
+        return self.dim if self.scale == 1 else f"{self.scale}*{self.dim}"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor: dtype (numpy name) and axes, each an int (static) or an `Axis`."""
+
+    name: str
+    dtype: str
+    axes: tuple[int | Axis, ...]
+    # Valid value range for generated inputs (token ids, timesteps); None means N(0, 1).
+    value_range: tuple[float, float] | None = None
+
+    @property
+    def rank(self) -> int:
+        return len(self.axes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "axes": [a if isinstance(a, int) else {"dim": a.dim, "scale": a.scale} for a in self.axes],
+            "value_range": list(self.value_range) if self.value_range else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TensorSpec":
+        axes = tuple(a if isinstance(a, int) else Axis(a["dim"], a.get("scale", 1)) for a in data["axes"])
+        vr = data.get("value_range")
+        return cls(data["name"], data["dtype"], axes, tuple(vr) if vr else None)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """Inputs, outputs and the dynamic dims they share (e.g. `batch` in every input)."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: tuple[Dim, ...]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        known = {d.name for d in self.dims}
+        for t in (*self.inputs, *self.outputs):
+            for a in t.axes:
+                if isinstance(a, Axis) and a.dim not in known:
+                    raise ValueError(f"{self.name}.{t.name} uses unknown dim {a.dim!r}")
+
+    # -- lookups -----------------------------------------------------------------------
+    def dim(self, name: str) -> Dim:
+        for d in self.dims:
+            if d.name == name:
+                return d
+        raise KeyError(f"{self.name} has no dim {name!r}; dims are {[d.name for d in self.dims]}")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no input {name!r}")
+
+    # -- shapes ------------------------------------------------------------------------
+    def dim_values(self, point: str | Mapping[str, int] = "opt") -> dict[str, int]:
+        """Values of every dim at a named point, with overrides from a mapping checked against the spec."""
+        if isinstance(point, str):
+            return {d.name: d.at(point) for d in self.dims}
+        values = {d.name: d.opt for d in self.dims}
+        for name, value in point.items():
+            if name not in values:
+                continue  # a point may name dims of other components (e.g. sequence for the VAE)
+            self.dim(name).check(int(value), self.name)
+            values[name] = int(value)
+        return values
+
+    def shape(self, tensor: TensorSpec, values: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(a if isinstance(a, int) else values[a.dim] * a.scale for a in tensor.axes)
+
+    def input_shapes(self, point: str | Mapping[str, int] = "opt") -> dict[str, tuple[int, ...]]:
+        values = self.dim_values(point)
+        return {t.name: self.shape(t, values) for t in self.inputs}
+
+    def output_shapes(self, point: str | Mapping[str, int] = "opt") -> dict[str, tuple[int, ...]]:
+        values = self.dim_values(point)
+        return {t.name: self.shape(t, values) for t in self.outputs}
+
+    def profile(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """min/opt/max shape of every input: what a TensorRT optimization profile needs."""
+        return {t.name: {p: self.shape(t, self.dim_values(p)) for p in POINTS} for t in self.inputs}
+
+    def restrict(self, **ranges: tuple[int, int, int]) -> "ComponentSpec":
+        """A copy with some dims narrowed (must stay inside the original range)."""
+        dims = []
+        for d in self.dims:
+            if d.name in ranges:
+                lo, opt, hi = ranges[d.name]
+                for v in (lo, hi):
+                    d.check(v, self.name)
+                dims.append(Dim(d.name, lo, opt, hi, d.multiple_of))
+            else:
+                dims.append(d)
+        return ComponentSpec(self.name, self.inputs, self.outputs, tuple(dims), self.meta)
+
+    # -- feeds -------------------------------------------------------------------------
+    def check_feed(self, feed: Mapping[str, Any]) -> dict[str, int]:
+        """Raise ShapeError unless the feed matches names, dtypes, ranks and dim ranges; return dim values."""
+        missing = [n for n in self.input_names if n not in feed]
+        extra = [n for n in feed if n not in self.input_names]
+        if missing or extra:
+            raise ShapeError(
+                f"{self.name}: feed has wrong inputs (missing {missing}, unexpected {extra})",
+                f"feed exactly {self.input_names}",
+            )
+        seen: dict[str, int] = {}
+        for t in self.inputs:
+            arr = feed[t.name]
+            dtype = np.dtype(_np_dtype_name(arr.dtype))
+            if dtype != np.dtype(t.dtype):
+                raise ShapeError(f"{self.name}.{t.name}: dtype {dtype} but the spec says {t.dtype}", f"cast to {t.dtype}")
+            shape = tuple(arr.shape)
+            if len(shape) != t.rank:
+                raise ShapeError(f"{self.name}.{t.name}: rank {len(shape)} but the spec says {t.rank}", "fix the input shape")
+            for i, (axis, size) in enumerate(zip(t.axes, shape)):
+                if isinstance(axis, int):
+                    if size != axis:
+                        raise ShapeError(
+                            f"{self.name}.{t.name}: axis {i} is {size} but must be {axis}", "fix the input shape"
+                        )
+                    continue
+                if size % axis.scale:
+                    raise ShapeError(
+                        f"{self.name}.{t.name}: axis {i} = {size} is not a multiple of {axis.scale}", "fix the input shape"
+                    )
+                value = size // axis.scale
+                if seen.setdefault(axis.dim, value) != value:
+                    raise ShapeError(
+                        f"{self.name}.{t.name}: dim '{axis.dim}' is {value} here but {seen[axis.dim]} in another input",
+                        "give every input the same value for a shared dim",
+                    )
+                self.dim(axis.dim).check(value, f"{self.name}.{t.name}")
+        return seen
+
+    # -- serialisation -----------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "dims": [d.to_json() for d in self.dims],
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ComponentSpec":
+        return cls(
+            data["name"],
+            tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+            tuple(Dim(**d) for d in data["dims"]),
+            data.get("meta", {}),
+        )
+
+
+def _np_dtype_name(dtype: Any) -> str:
+    """numpy dtype name of a numpy or torch dtype."""
+    text = str(dtype)
+    return text.removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class ShapeRequest:
+    """What the user asks for, in pixels and batch: turned into per-component dims.
+
+    `image` is in pixels; latent dims are image // vae_scale_factor and must be
+    multiples of 8 (the UNet's down/upsamplers need it), so image sizes must be
+    multiples of 8 * vae_scale_factor.
+    """
+
+    batch: tuple[int, int, int] = (1, 2, 4)
+    image: tuple[int, int, int] | None = None  # None: derived from the model's sample size
+    sequence: tuple[int, int, int] | None = None  # None: the tokenizer's max length, static
+
+    @staticmethod
+    def parse_range(text: str, what: str) -> tuple[int, int, int]:
+        """'512' -> (512, 512, 512); '256:512:768' -> (256, 512, 768)."""
+        try:
+            parts = [int(p) for p in text.split(":")]
+        except ValueError:
+            raise ShapeError(f"{what} range {text!r} is not integers", "write N or MIN:OPT:MAX, e.g. 256:512:768") from None
+        if len(parts) == 1:
+            parts = parts * 3
+        if len(parts) != 3:
+            raise ShapeError(f"{what} range {text!r} needs one or three values", "write N or MIN:OPT:MAX")
+        lo, opt, hi = parts
+        if not (1 <= lo <= opt <= hi):
+            raise ShapeError(f"{what} range {text!r}: need 1 <= MIN <= OPT <= MAX", "order the range as MIN:OPT:MAX")
+        return lo, opt, hi
+
+
+def iter_points(spec: ComponentSpec) -> Iterable[tuple[str, dict[str, int]]]:
+    """Named shape points for validation: min, opt, max, plus non-square and batch > 1 where the spec allows."""
+    seen: set[tuple] = set()
+    points: list[tuple[str, dict[str, int]]] = [(p, spec.dim_values(p)) for p in POINTS]
+    names = {d.name for d in spec.dims}
+    if {"height", "width"} <= names:
+        h, w = spec.dim("height"), spec.dim("width")
+        if h.max > h.min or w.max > w.min:
+            values = spec.dim_values("opt")
+            values["height"] = h.min
+            values["width"] = w.max
+            points.append(("nonsquare", values))
+    if "batch" in names and spec.dim("batch").max > 1:
+        values = spec.dim_values("min")
+        values["batch"] = min(3, spec.dim("batch").max)
+        points.append(("batch", values))
+    for name, values in points:
+        key = tuple(sorted(values.items()))
+        if key not in seen:
+            seen.add(key)
+            yield name, values

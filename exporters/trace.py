@@ -1,0 +1,54 @@
+"""Trace a wrapped component once with torch.export, with dynamic dims from its spec."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from exporters.errors import ExportError
+from exporters.inputs import make_feed, trace_values
+from exporters.spec import Axis, ComponentSpec
+
+log = logging.getLogger(__name__)
+
+
+def dynamic_shapes(spec: ComponentSpec) -> dict[str, dict[int, object]]:
+    """torch.export dynamic_shapes for the spec's inputs (static dims are left out)."""
+    base = {}
+    for d in spec.dims:
+        if d.is_static:
+            continue
+        m = d.multiple_of
+        # torch.export expresses "multiple of m" as m * Dim(range / m).
+        root = torch.export.Dim(f"{d.name}_div{m}" if m > 1 else d.name, min=d.min // m, max=d.max // m)
+        base[d.name] = root * m if m > 1 else root
+    shapes = {}
+    for t in spec.inputs:
+        axes = {}
+        for i, a in enumerate(t.axes):
+            if isinstance(a, Axis) and a.dim in base:
+                axes[i] = base[a.dim] * a.scale if a.scale > 1 else base[a.dim]
+        shapes[t.name] = axes
+    return shapes
+
+
+def example_inputs(spec: ComponentSpec, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    feed = make_feed(spec, trace_values(spec), seed=seed)
+    return tuple(torch.from_numpy(feed[name]) for name in spec.input_names)
+
+
+def trace(wrapper: nn.Module, spec: ComponentSpec) -> torch.export.ExportedProgram:
+    """torch.export the wrapper with the spec's inputs as named, dynamic arguments."""
+    wrapper.eval()
+    args = example_inputs(spec)
+    try:
+        with torch.no_grad():
+            shapes = dynamic_shapes(spec)
+            ordered = tuple(shapes[name] for name in spec.input_names)
+            return torch.export.export(wrapper, args, dynamic_shapes=ordered, strict=False)
+    except Exception as exc:  # torch raises many types here; one clear message is what users need
+        raise ExportError(
+            f"tracing '{spec.name}' failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            "check that the component is a supported diffusers/transformers model; run with -v for the trace log",
+        ) from exc

@@ -1,0 +1,57 @@
+"""Shared fixtures: each tiny preset is built and exported once per test session, then reused.
+
+Tests must treat the exported folders as read-only; a test that changes files copies
+the folder first (see `copy_export`).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from diffprism import presets
+
+TINY = ("tiny-sd", "tiny-sd2", "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def pipeline():
+    """pipeline(name) -> the preset's diffusers pipeline (built once per session; do not mutate)."""
+    cache: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = presets.build(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, pipeline):
+    """exported(name) -> folder with onnx/ and reference/ and manifest.json for that preset (read-only)."""
+    from diffprism.jobs import export_job
+
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            out = tmp_path_factory.mktemp(f"export-{name}")
+            export_job(name, out)
+            cache[name] = out
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def copy_export(exported, tmp_path):
+    """copy_export(name) -> a private, writable copy of the session export."""
+
+    def copy(name: str) -> Path:
+        dst = tmp_path / name
+        shutil.copytree(exported(name), dst)
+        return dst
+
+    return copy
