@@ -21,7 +21,15 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/diffprism export tiny-sd --out $(DEMO_OUT)
-	$(BIN)/diffprism validate $(DEMO_OUT)
+	$(BIN)/diffprism validate $(DEMO_OUT) --e2e --e2e-steps 4
+	$(BIN)/diffprism compile $(DEMO_OUT) --target openvino --precision fp32
+	$(BIN)/diffprism validate $(DEMO_OUT) --target openvino --precision fp32 --e2e --e2e-steps 4
+	$(BIN)/diffprism calibrate $(DEMO_OUT)
+	$(BIN)/diffprism compile $(DEMO_OUT) --target openvino --precision int8
+	$(BIN)/diffprism validate $(DEMO_OUT) --target openvino --precision int8 --e2e --e2e-steps 4
+	$(BIN)/diffprism bench $(DEMO_OUT) --steps 4 --repeat 5 --image-runs 1
+	$(BIN)/diffprism -q report $(DEMO_OUT)
+	@echo "report: $(abspath $(DEMO_OUT))/report/report.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from diffprism import __version__
 from diffprism.ui import UI
@@ -21,6 +22,14 @@ COMMANDS = (
     "validate",
     "inspect",
     "compile",
+    "calibrate",
+    "build",
+    "plan",
+    "publish",
+    "verify",
+    "generate",
+    "bench",
+    "report",
 )
 
 
@@ -46,11 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: int) -> None:
+    if verbose < 2:
+        # Library deprecation chatter (torch, transformers) is not actionable for a CLI user.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if verbose < 2:
         # torch.onnx and friends are chatty at INFO/WARNING about things users cannot act on.
-        for noisy in ("torch", "torch.onnx", "onnxscript", "torch._export", "torch.export"):
+        for noisy in ("torch", "torch.onnx", "onnxscript", "torch._export", "torch.export", "coremltools"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

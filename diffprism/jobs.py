@@ -23,15 +23,16 @@ Progress = Callable[[str], None]
 
 def export_job(source: str, out: Path, *, components: list[str] | None = None, shapes: ShapeRequest = ShapeRequest(),
                opset: int = 18, allow_pickle: bool = False, revision: str | None = None,
-               progress: Progress | None = None, request: dict[str, Any] | None = None) -> ExportResult:
+               progress: Progress | None = None, request: dict[str, Any] | None = None,
+               streaming: bool = False) -> ExportResult:
     manifest.check_output_folder(out)
     clean_staging(out)
     if progress:
         progress(f"loading {source}")
-    src = sources.load(source, allow_pickle=allow_pickle, revision=revision)
+    src = sources.load(source, allow_pickle=allow_pickle, revision=revision, empty=streaming)
     result = export_pipeline(
         src.pipeline, out, components=components, shapes=shapes, opset=opset, source_info=src.info,
-        progress=(lambda c, s: progress(f"{c}: {s}")) if progress else None,
+        progress=(lambda c, s: progress(f"{c}: {s}")) if progress else None, streaming=streaming,
     )
     data = manifest.new(request or {"command": "export", "source": source})
     data["source"] = src.info
@@ -63,20 +64,36 @@ def select(specs: dict[str, ComponentSpec], components: list[str] | None) -> dic
     return {n: s for n, s in specs.items() if n in components}
 
 
-def validate_job(out: Path, *, target: str = "onnxruntime", precision: str = "fp32",
+def validate_job(out: Path, *, target: str = "onnxruntime", precision: str | None = "fp32",
                  components: list[str] | None = None, policy: Policy = Policy(),
                  runner_options: dict[str, Any] | None = None, progress: Progress | None = None) -> ValidationResult:
     _, specs = tree_specs(out)
     specs = select(specs, components)
     tgt = get_target(target)
-    config = tgt.config(precision=precision)
+    options = dict(runner_options or {})
+    # Options that are target config fields (e.g. Core ML compress) pick the variant; the rest go to the runner.
+    variant = {k: options.pop(k) for k in list(options) if k in tgt.Config.model_fields and k != "precision"}
+    config = tgt.config(precision=precision, **variant)
+    precision = config.precision
+    label = tgt.variant_label(config) if hasattr(tgt, "variant_label") else precision  # e.g. fp16-palettize4
     artifacts = tgt.output_dir(out, config)
     if not artifacts.is_dir():
         raise SourceError(f"no {target} {precision} artifacts at {artifacts}",
                           f"run 'diffprism compile {out} --target {target} --precision {precision}' first")
-    options = runner_options or {}
+    missing = tgt.runner_availability() if hasattr(tgt, "inspect") else None
+    if missing is not None and not missing.ok:
+        # Numerics cannot run here (e.g. Core ML off macOS): check the artifacts' structure and say so.
+        result = ValidationResult(target, label, status="structural", numerics_skipped=missing.reason)
+        for name, spec in specs.items():
+            if progress:
+                progress(name)
+            result.structure[name] = tgt.inspect(artifacts, spec, config)
+        record_validation(out, result)
+        return result
+    tolerance = tgt.tolerance_precision(config) if hasattr(tgt, "tolerance_precision") else precision
     result = validate(specs, lambda spec: tgt.runner(artifacts, spec, **options), out / REFERENCE_DIR,
-                      target=target, precision=precision, policy=policy, progress=progress)
+                      target=target, precision=tolerance, policy=policy, progress=progress)
+    result.precision = label
     record_validation(out, result)
     return result
 
@@ -90,8 +107,9 @@ def record_validation(out: Path, result: ValidationResult) -> None:
     write_json_atomic(report_path, report)
     data = manifest.load(out) or manifest.new({"command": "validate"})
     data.setdefault("validation", {})[key] = {
-        "passed": result.passed,
+        "passed": result.passed if result.status == "numeric" else None,
         "status": result.status,
+        "verdict": result.verdict,
         "comparisons": len(result.comparisons),
         "failed": sum(not c.passed for c in result.comparisons),
         "runner": result.runner,
@@ -110,7 +128,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return {}
 
 
-def compile_job(out: Path, *, target: str, precision: str, components: list[str] | None = None,
+def compile_job(out: Path, *, target: str, precision: str | None, components: list[str] | None = None,
                 options: dict[str, Any] | None = None, progress: Progress | None = None):
     """Plan and build one target variant from the ONNX tree; records it in the manifest."""
     _, specs = tree_specs(out)
@@ -119,10 +137,27 @@ def compile_job(out: Path, *, target: str, precision: str, components: list[str]
     config = tgt.config(precision=precision, components=components, **(options or {}))
     plan = tgt.plan(out / ONNX_DIR, specs, config)
     if progress:
-        progress(f"building {target} {precision}")
-    result = tgt.build(plan, out)
+        progress(f"building {target} {config.precision}")
+    needs_source = getattr(tgt, "needs_source", False)  # e.g. Core ML converts from the torch.export program
+    if callable(needs_source):  # per variant, e.g. ONNX Runtime's pruned/qat compress the torch model
+        needs_source = needs_source(config)
+    if needs_source:
+        recorded = (manifest.load(out) or {}).get("source")
+        if not recorded:
+            raise SourceError(f"{out} has no manifest recording its source, which the {target} build needs",
+                              "re-run 'diffprism export SOURCE --out DIR'")
+        if progress:
+            progress("reloading the source pipeline")
+        result = tgt.build(plan, out, source=sources.load_recorded(recorded).pipeline)
+    else:
+        result = tgt.build(plan, out)
     data = manifest.load(out) or manifest.new({"command": "compile"})
-    data.setdefault("targets", {})[f"{target}-{precision}"] = {
+    variant = f"{target}-{config.precision}"
+    if getattr(config, "compress", "none") != "none":  # compressed variants sit beside the plain one
+        variant += f"-{config.compress}"
+    elif hasattr(tgt, "variant_label"):  # e.g. onnxruntime-pruned-structured beside onnxruntime-pruned
+        variant = f"{target}-{tgt.variant_label(config)}"
+    data.setdefault("targets", {})[variant] = {
         "dir": result.out_dir.relative_to(out).as_posix() if result.out_dir.is_relative_to(out) else str(result.out_dir),
         "config": config.model_dump(),
         "details": result.details,
@@ -130,3 +165,26 @@ def compile_job(out: Path, *, target: str, precision: str, components: list[str]
     }
     manifest.write(out, data)
     return result
+
+
+def calibrate_job(out: Path, *, prompts: list[str] | None = None, num_prompts: int | None = None, steps: int = 4,
+                  seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
+    """Capture real component inputs from the export's own source into <out>/calibration (manifest last)."""
+    from exporters import calibration
+
+    _, specs = tree_specs(out)
+    data = manifest.load(out)
+    if not data or not data.get("source"):
+        raise SourceError(f"{out} has no manifest recording its source", "re-run 'diffprism export SOURCE --out DIR'")
+    chosen = calibration.pick_prompts(prompts, num_prompts)
+    if progress:
+        progress(f"loading {data['source'].get('preset') or data['source'].get('path') or data['source'].get('repo_id')}")
+    src = sources.load_recorded(data["source"])
+    if progress:
+        progress(f"denoising {len(chosen)} prompts x {steps} steps")
+    folder = calibration.capture(src.pipeline, out, prompts=chosen, steps=steps, seed=seed, specs=specs)
+    info = calibration.info(folder)
+    data["stages"]["calibrate"] = {k: info[k] for k in ("steps", "seeds", "height", "width", "counts", "scheduler")}
+    data["stages"]["calibrate"]["prompts"] = len(info["prompts"])
+    manifest.write(out, data)
+    return info

@@ -19,7 +19,8 @@ from exporters.files import STAGING, sha256_file, write_json_atomic
 MANIFEST = "manifest.json"
 SCHEMA = 1
 LOCK = ".diffprism.lock"
-IGNORED = {MANIFEST, LOCK, STAGING}
+STAGES = ".stages"  # build stage records (diffprism.build): bookkeeping, not part of the set
+IGNORED = {MANIFEST, LOCK, STAGING, STAGES}
 PACKAGES = ("diffprism", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "openvino",
             "nncf", "coremltools", "tensorrt", "polygraphy", "numpy")
 
@@ -156,7 +157,9 @@ def verify(out: Path, *, check_extra: bool = True) -> list[str]:
             problems.append(str(exc.message))
             continue
         path = out / rel
-        if not path.is_file():
+        if path.is_symlink() and not path.resolve().is_relative_to(out.resolve()):
+            problems.append(f"link outside the set: {rel}")
+        elif not path.is_file():
             problems.append(f"missing: {rel}")
         elif path.stat().st_size != entry["size"]:
             problems.append(f"size mismatch: {rel} ({path.stat().st_size} != {entry['size']})")

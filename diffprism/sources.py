@@ -36,13 +36,16 @@ def looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and not os.path.exists(text)
 
 
-def load(ref: str, *, allow_pickle: bool = False, revision: str | None = None, seed: int = 0) -> Source:
+def load(ref: str, *, allow_pickle: bool = False, revision: str | None = None, seed: int = 0,
+         empty: bool = False) -> Source:
+    """empty=True: a folder's models are built on the meta device; their weights stay in the
+    safetensors files for a streamed export (exporters.streaming)."""
     if ref in presets.PRESETS:
         pipe = presets.build(ref, seed)
         return Source("preset", ref, pipe, {"kind": "preset", "preset": ref, "seed": seed})
     path = Path(ref).expanduser()
     if path.exists() or ref.startswith((".", "/", "~")) or not looks_like_hub_id(ref):
-        return _load_folder(path, allow_pickle)
+        return _load_folder(path, allow_pickle, empty)
     return _load_hub(ref, allow_pickle, revision)
 
 
@@ -69,8 +72,13 @@ def check_folder(path: Path, allow_pickle: bool) -> dict[str, Any]:
     family_of(class_name)  # raises for unsupported classes
     for sub in COMPONENT_DIRS:
         d = path / sub
-        if sub not in index or not d.is_dir():
+        if sub not in index or index[sub] in (None, [None, None]):
             continue
+        if not d.is_dir():
+            raise SourceError(
+                f"model_index.json lists '{sub}' but {d} is missing",
+                "restore the component folder, or re-save the whole pipeline",
+            )
         safes = list(d.glob("*.safetensors"))
         pickles = [p for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if not safes and pickles and not allow_pickle:
@@ -101,12 +109,17 @@ def _check_safetensors(path: Path) -> None:
         raise SourceError(f"corrupt safetensors file {path}: {exc}", "re-download the weights") from None
 
 
-def _load_folder(path: Path, allow_pickle: bool) -> Source:
+def _load_folder(path: Path, allow_pickle: bool, empty: bool = False) -> Source:
     from diffusers import DiffusionPipeline
+
+    from exporters.streaming import empty_pipeline
 
     index = check_folder(path, allow_pickle)
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), use_safetensors=not allow_pickle, local_files_only=True)
+        if empty:
+            pipe = empty_pipeline(path)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(str(path), use_safetensors=not allow_pickle, local_files_only=True)
     except Exception as exc:
         raise SourceError(f"cannot load the pipeline in {path}: {type(exc).__name__}: {_first_line(exc)}",
                           "check that every component folder is complete") from None
@@ -150,3 +163,16 @@ def weights_digest(path: Path) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_recorded(info: dict[str, Any], *, allow_pickle: bool = False) -> Source:
+    """Reload the source an export recorded in its manifest (preset, folder or Hub id)."""
+    kind = info.get("kind")
+    if kind == "preset":
+        pipe = presets.build(info["preset"], info.get("seed", 0))
+        return Source("preset", info["preset"], pipe, dict(info))
+    if kind == "folder":
+        return _load_folder(Path(info["path"]), allow_pickle)
+    if kind == "hub":
+        return _load_hub(info["repo_id"], allow_pickle, info.get("revision"))
+    raise SourceError("the manifest does not record a loadable source", "re-run 'diffprism export SOURCE --out DIR'")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exporters import onnx_writer, reference, tree
+from exporters import streaming as streaming_mod
 from exporters.components import EXPORTERS, dims_for
 from exporters.families import Family, family_of, geometry_of, select_components
 from exporters.files import staged_dir
@@ -50,17 +51,49 @@ def plan_specs(pipe: Any, components: list[str] | None = None, shapes: ShapeRequ
     return family, {name: EXPORTERS[name].spec(pipe, geometry, dims) for name in names}
 
 
-def export_component(pipe: Any, spec: ComponentSpec, directory: Path, opset: int) -> tuple[Any, Path]:
-    """Trace one component and write directory/{model.onnx, model.onnx_data, config.json}."""
+def trace_component(pipe: Any, spec: ComponentSpec) -> tuple[Any, Any]:
+    """(wrapper, torch.export program) of one component: the one trace every format starts from."""
+    exporter = EXPORTERS[spec.name]
+    wrapper = exporter.wrap(exporter.module(pipe), spec)
+    return wrapper, trace(wrapper, spec)
+
+
+def export_component(pipe: Any, spec: ComponentSpec, directory: Path, opset: int,
+                     streaming: bool = False) -> tuple[Any, Path]:
+    """Trace one component and write directory/{model.onnx, model.onnx_data, config.json}.
+
+    streaming=True traces without weights and streams them into the data file (exporters.streaming);
+    the returned wrapper then runs PyTorch references with weights read layer by layer if the
+    pipeline itself holds none.
+    """
     exporter = EXPORTERS[spec.name]
     module = exporter.module(pipe)
-    wrapper = exporter.wrap(module, spec)
-    program = trace(wrapper, spec)
+    if streaming or streaming_mod.has_no_storage(module):
+        try:
+            return _export_streamed(exporter, module, spec, directory, opset)
+        except streaming_mod.StreamingUnsupported as exc:
+            if streaming_mod.has_no_storage(module):
+                raise
+            log.warning("%s: streamed export not possible (%s); using the plain export", spec.name, exc.message)
+    wrapper, program = trace_component(pipe, spec)
     model = onnx_writer.to_onnx(program, spec, opset)
     path = onnx_writer.save(model, directory)
     tree.write_component_config(directory, exporter.config(module))
     del model, program
     return wrapper, path
+
+
+def _export_streamed(exporter: Any, module: Any, spec: ComponentSpec, directory: Path, opset: int) -> tuple[Any, Path]:
+    folder = streaming_mod.weights_folder(module)
+    source = streaming_mod.source_for(module, folder)
+    empty = streaming_mod.empty_copy(module)
+    path = streaming_mod.export_streamed(exporter.wrap(empty, spec), empty, spec, source, directory, opset)
+    tree.write_component_config(directory, exporter.config(module))
+    if streaming_mod.has_no_storage(module):  # references: a fresh meta copy that reads weights per layer
+        runnable = streaming_mod.empty_copy(module)
+        streaming_mod.stream_weights_in_forward(runnable, source)
+        return exporter.wrap(runnable, spec), path
+    return exporter.wrap(module, spec), path
 
 
 def export_pipeline(
@@ -72,6 +105,7 @@ def export_pipeline(
     opset: int = onnx_writer.MIN_OPSET,
     source_info: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    streaming: bool = False,
 ) -> ExportResult:
     """Write <out>/onnx (HF-ONNX tree) and <out>/reference (PyTorch outputs), each atomically."""
     onnx_writer.check_opset(opset)
@@ -82,7 +116,7 @@ def export_pipeline(
         for name, spec in specs.items():
             start = time.perf_counter()
             notify(name, "export")
-            wrapper, path = export_component(pipe, spec, tree_dir / name, opset)
+            wrapper, path = export_component(pipe, spec, tree_dir / name, opset, streaming=streaming)
             notify(name, "reference")
             reference.save(reference.compute(wrapper, spec), ref_dir / f"{name}.npz")
             size = path.stat().st_size + (path.parent / onnx_writer.DATA_NAME).stat().st_size

@@ -69,3 +69,15 @@ def replace_dir(src: Path, final: Path) -> None:
 def clean_staging(out: Path) -> None:
     """Remove leftovers of interrupted runs."""
     shutil.rmtree(out / STAGING, ignore_errors=True)
+
+
+@contextmanager
+def working_dir(path: Path) -> Iterator[Path]:
+    """Run a block in `path`: some tools (ONNX Runtime's quantizers) write temp files into the CWD."""
+    path.mkdir(parents=True, exist_ok=True)
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(before)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import onnx_ir as ir
@@ -18,6 +19,7 @@ MIN_OPSET = 18
 ONNX_NAME = "model.onnx"
 DATA_NAME = "model.onnx_data"
 SPEC_KEY = "diffprism.spec"
+RANGE_CONSTRAINTS_KEY = "pkg.torch.export.ExportedProgram.range_constraints"
 
 
 def check_opset(opset: int) -> None:
@@ -25,25 +27,42 @@ def check_opset(opset: int) -> None:
         raise UsageError(f"opset {opset} is too old", f"use --opset {MIN_OPSET} or newer")
 
 
-def to_onnx(program: torch.export.ExportedProgram, spec: ComponentSpec, opset: int = MIN_OPSET) -> ir.Model:
-    """Convert a traced program to an onnx_ir model with the spec's tensor and dim names."""
+def to_onnx(program: torch.export.ExportedProgram, spec: ComponentSpec, opset: int = MIN_OPSET,
+            prepare: Callable[[ir.Model], None] | None = None) -> ir.Model:
+    """Convert a traced program to an onnx_ir model with the spec's tensor and dim names.
+
+    `prepare` (used by exporters.streaming) sees the graph before torch's optimizer runs; the
+    steps then are the ones torch.onnx.export takes with optimize=True, in the same order.
+    """
     check_opset(opset)
     try:
         onnx_program = torch.onnx.export(
             program,
             dynamo=True,
-            input_names=spec.input_names,
-            output_names=spec.output_names,
+            input_names=spec.input_names if prepare is None else None,
+            output_names=spec.output_names if prepare is None else None,
             opset_version=opset,
-            optimize=True,
+            optimize=prepare is None,
             verbose=False,
         )
+        if prepare is not None:
+            from torch.onnx._internal.exporter import _ir_passes
+
+            prepare(onnx_program.model)
+            onnx_program.optimize()
+            _ir_passes.rename_inputs(onnx_program.model, spec.input_names)
+            _ir_passes.rename_outputs(onnx_program.model, spec.output_names)
+    except ExportError:
+        raise
     except Exception as exc:
         raise ExportError(
             f"ONNX conversion of '{spec.name}' failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
             "try another --opset, or report the failing operator",
         ) from exc
     model = onnx_program.model
+    # torch.export prints its range constraints in set order, which changes between runs;
+    # the spec below records the same ranges, so drop it to keep exports byte-identical.
+    model.graph.metadata_props.pop(RANGE_CONSTRAINTS_KEY, None)
     _rename_dims(model, spec)
     model.producer_name = "diffprism"
     model.metadata_props[SPEC_KEY] = json.dumps(spec.to_json(), sort_keys=True)

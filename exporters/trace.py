@@ -38,10 +38,16 @@ def example_inputs(spec: ComponentSpec, seed: int = 0) -> tuple[torch.Tensor, ..
     return tuple(torch.from_numpy(feed[name]) for name in spec.input_names)
 
 
-def trace(wrapper: nn.Module, spec: ComponentSpec) -> torch.export.ExportedProgram:
-    """torch.export the wrapper with the spec's inputs as named, dynamic arguments."""
+def trace(wrapper: nn.Module, spec: ComponentSpec, fake_mode=None) -> torch.export.ExportedProgram:
+    """torch.export the wrapper with the spec's inputs as named, dynamic arguments.
+
+    With a FakeTensorMode, the inputs are fake too: that traces a wrapper whose parameters are
+    fake tensors without storage (exporters.streaming).
+    """
     wrapper.eval()
     args = example_inputs(spec)
+    if fake_mode is not None:
+        args = tuple(fake_mode.from_tensor(a) for a in args)
     try:
         with torch.no_grad():
             shapes = dynamic_shapes(spec)

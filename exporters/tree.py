@@ -23,6 +23,8 @@ def write_pipeline_files(pipe: Any, tree: Path, tokenizers: tuple[str, ...]) -> 
 
 def write_component_config(directory: Path, config: Mapping[str, Any]) -> None:
     clean = {k: v for k, v in config.items() if _jsonable(v)}
+    if isinstance(clean.get("_use_default_values"), list):  # diffusers fills it from a set: order varies per run
+        clean["_use_default_values"] = sorted(clean["_use_default_values"])
     write_json_atomic(directory / "config.json", clean)
 
 
@@ -36,7 +38,7 @@ def _jsonable(value: Any) -> bool:
 
 def write_tree_info(tree: Path, info: Mapping[str, Any], specs: Mapping[str, ComponentSpec]) -> None:
     data = dict(info)
-    data["components"] = {name: spec.to_json() for name, spec in specs.items()}
+    data["components"] = [spec.to_json() for spec in specs.values()]  # a list: keeps the pipeline order
     write_json_atomic(tree / TREE_INFO, data)
 
 
@@ -47,5 +49,5 @@ def read_tree_info(tree: Path) -> tuple[dict[str, Any], dict[str, ComponentSpec]
     if not path.is_file():
         raise SourceError(f"{tree} is not a diffprism ONNX tree (no {TREE_INFO})", "run 'diffprism export' first")
     data = json.loads(path.read_text())
-    specs = {name: ComponentSpec.from_json(s) for name, s in data.pop("components").items()}
+    specs = {s["name"]: ComponentSpec.from_json(s) for s in data.pop("components")}
     return data, specs

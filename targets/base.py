@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from exporters.errors import BackendUnavailable, UsageError
 from exporters.spec import ComponentSpec
@@ -52,7 +52,13 @@ class Target(ABC):
     Config: ClassVar[type[TargetConfig]] = TargetConfig
 
     def config(self, **options: Any) -> TargetConfig:
-        cfg = self.Config(**{k: v for k, v in options.items() if v is not None})
+        try:
+            cfg = self.Config(**{k: v for k, v in options.items() if v is not None})
+        except ValidationError as exc:  # one line naming the bad option, not a pydantic dump
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "options"
+            raise UsageError(f"target '{self.name}' option {where}: {err['msg']}",
+                             f"valid options: {', '.join(self.Config.model_fields)}") from None
         if cfg.precision not in self.precisions:
             raise UsageError(
                 f"target '{self.name}' has no precision '{cfg.precision}'", f"choose from {', '.join(self.precisions)}"

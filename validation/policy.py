@@ -38,7 +38,14 @@ DEFAULTS: dict[str, Tolerance] = {
     "fp16": Tolerance(rel_l2=1e-2, cosine=0.9995),
     "bf16": Tolerance(rel_l2=3e-2, cosine=0.999),
     "int8": Tolerance(rel_l2=0.2, cosine=0.98),
+    "int8-dynamic": Tolerance(rel_l2=0.2, cosine=0.98),
     "int4": Tolerance(rel_l2=0.3, cosine=0.95),
+    # pruned: a different (smaller) model distilled towards the original, not a re-encoding of it.
+    # The bound only says the output still points the original's way; the build records the
+    # distillation error and the export's own fidelity (ONNX vs the pruned torch model).
+    "pruned": Tolerance(cosine=0.5),
+    # qat: fake-quantized int8 trained towards the original: held to the int8 bounds.
+    "qat": Tolerance(rel_l2=0.2, cosine=0.98),
 }
 
 

@@ -25,20 +25,42 @@ class ValidationResult:
     runner: dict[str, dict[str, str]] = field(default_factory=dict)  # component -> runner.describe()
     comparisons: list[Comparison] = field(default_factory=list)
     status: str = "numeric"  # "numeric", or e.g. "structural" where numerics cannot run here
+    # status "structural": per-component checks of the artifact itself ({"ok", "problems", ...}), and why
+    # numerics did not run. A structural result never counts as passed: `passed` is about numerics.
+    structure: dict[str, dict] = field(default_factory=dict)
+    numerics_skipped: str = ""
+    # "component/point" reference cases outside a static build's fixed shapes (runner.spec), not run.
+    skipped_points: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return bool(self.comparisons) and all(c.passed for c in self.comparisons)
+        return self.status == "numeric" and bool(self.comparisons) and all(c.passed for c in self.comparisons)
+
+    @property
+    def structure_ok(self) -> bool:
+        return bool(self.structure) and all(s.get("ok") for s in self.structure.values())
+
+    @property
+    def verdict(self) -> str:
+        if self.status == "structural":
+            return "structure ok, numerics not run" if self.structure_ok else "structure FAILED, numerics not run"
+        return "passed" if self.passed else "failed"
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "target": self.target,
             "precision": self.precision,
             "status": self.status,
-            "passed": self.passed,
+            "verdict": self.verdict,
+            "passed": self.passed if self.status == "numeric" else None,
             "runner": self.runner,
             "comparisons": [c.to_json() for c in self.comparisons],
         }
+        if self.skipped_points:
+            data["skipped_points"] = self.skipped_points
+        if self.status == "structural":
+            data.update(structure_ok=self.structure_ok, structure=self.structure, numerics_skipped=self.numerics_skipped)
+        return data
 
 
 def validate(specs: Mapping[str, ComponentSpec], make_runner: RunnerFactory, reference_dir: Path, *,
@@ -56,6 +78,9 @@ def validate(specs: Mapping[str, ComponentSpec], make_runner: RunnerFactory, ref
         with runner:
             result.runner[name] = runner.describe()
             for point, case in reference.load(ref_path).items():
+                if runner.spec is not spec and not _accepts(runner.spec, case["inputs"]):
+                    result.skipped_points.append(f"{name}/{point}")
+                    continue
                 try:
                     outputs = runner.infer(case["inputs"])
                 except DiffprismError:
@@ -67,3 +92,12 @@ def validate(specs: Mapping[str, ComponentSpec], make_runner: RunnerFactory, ref
                 result.comparisons.append(compare(name, point, case["dims"], case["outputs"], outputs, tolerance))
         log.info("validated %s on %s/%s", name, target, precision)
     return result
+
+
+def _accepts(spec: ComponentSpec, feed) -> bool:
+    """Whether a case fits a runner's own (narrower, e.g. static-shape) spec."""
+    try:
+        spec.check_feed(feed)
+    except DiffprismError:
+        return False
+    return True

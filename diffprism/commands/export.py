@@ -17,6 +17,9 @@ def register(sub) -> None:
     add_shapes(p)
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, default 18)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--streaming", action="store_true",
+                   help="trace without weights and stream them from the safetensors files into the ONNX data "
+                   "(memory stays a fraction of the model's size; same bytes as the plain export)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled weights (.bin/.ckpt): only for sources you trust")
     p.set_defaults(func=run)
@@ -25,10 +28,12 @@ def register(sub) -> None:
 def run(args: argparse.Namespace, ui) -> int:
     shapes = shapes_from(args)
     request = {"command": "export", "source": args.source, "components": args.components, "opset": args.opset,
-               "batch": args.batch, "size": args.size, "sequence": args.sequence}
+               "batch": args.batch, "size": args.size, "sequence": args.sequence,
+               "streaming": args.streaming}
     with folder_lock(args.out), ui.progress("export") as update:
         result = export_job(args.source, args.out, components=args.components, shapes=shapes, opset=args.opset,
-                            allow_pickle=args.allow_pickle, revision=args.revision, progress=update, request=request)
+                            allow_pickle=args.allow_pickle, revision=args.revision, progress=update, request=request,
+                            streaming=args.streaming)
     rows = []
     for c in result.components:
         dims = ", ".join(f"{d.name} {d.min}..{d.max}" for d in c.spec.dims if not d.is_static)

@@ -1,0 +1,82 @@
+"""Size and UNet latency of each ONNX Runtime variant against fp32, on this machine's CPU, in one run.
+
+    flock /tmp/diffprism-heavy.lock .venv/bin/python benchmarks/ort_variants.py /tmp/bench/ort-sd15 \\
+        --source sd15-random --runs 5
+
+Exports the UNet alone (batch 2 = one CFG step, 512x512), captures calibration inputs from
+the source pipeline (1 prompt x 2 steps), builds every variant with `compile_job`, then
+times the UNet on ONNX Runtime CPU (median of --runs after one warm-up run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffprism.jobs import calibrate_job, compile_job, export_job  # noqa: E402
+from exporters.export import ONNX_DIR  # noqa: E402
+from exporters.inputs import make_feed  # noqa: E402
+from exporters.precision import graph  # noqa: E402
+from exporters.spec import ShapeRequest  # noqa: E402
+from exporters.tree import read_tree_info  # noqa: E402
+from runtimes.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
+
+PRECISIONS = ("fp16", "bf16", "int8", "int8-dynamic", "int4")
+
+
+def latency(model_dir: Path, spec, runs: int) -> float:
+    feed = make_feed(spec, "opt", seed=0)
+    with OnnxRuntimeRunner(spec, model_dir / "model.onnx") as runner:
+        runner.infer(feed)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            runner.infer(feed)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--source", default="sd15-random")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--precisions", default=",".join(PRECISIONS))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    out = args.out
+    if not (out / ONNX_DIR / "unet").is_dir():
+        export_job(args.source, out, components=["unet"],
+                   shapes=ShapeRequest(batch=(2, 2, 2), image=(args.size, args.size, args.size)))
+    if not (out / "calibration" / "unet.npz").is_file():
+        calibrate_job(out, num_prompts=1, steps=2)
+    _, specs = read_tree_info(out / ONNX_DIR)
+    spec = specs["unet"]
+    rows = [{"variant": "fp32", "bytes": graph.size_bytes(out / ONNX_DIR / "unet"),
+             "seconds": latency(out / ONNX_DIR / "unet", spec, args.runs)}]
+    for precision in args.precisions.split(","):
+        start = time.perf_counter()
+        result = compile_job(out, target="onnxruntime", precision=precision, components=["unet"])
+        built = time.perf_counter() - start
+        unet = result.out_dir / "unet"
+        rows.append({"variant": precision, "method": result.details["unet"]["method"], "bytes": graph.size_bytes(unet),
+                     "build_seconds": round(built, 1), "seconds": latency(unet, spec, args.runs)})
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]
+    print(f"\n| variant | UNet size (MB) | size vs fp32 | UNet latency (s) | speed vs fp32 |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['variant']} | {r['bytes'] / 1e6:.0f} | {r['bytes'] / base['bytes']:.2f}x | {r['seconds']:.2f} | "
+              f"{base['seconds'] / r['seconds']:.2f}x |")
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The --e2e part of 'diffprism validate': image-level comparison of a target's pipeline with PyTorch."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_e2e_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--e2e", action="store_true",
+                        help="also generate images with PyTorch and with this target from the same latents and "
+                             "compare them (latent rel L2, PSNR, SSIM); exit 1 if they differ")
+    parser.add_argument("--e2e-prompt", action="append", metavar="PROMPT",
+                        help="prompt for the image check (repeatable; default: three built-in prompts)")
+    parser.add_argument("--e2e-steps", type=int, default=10, help="denoising steps per image (default 10)")
+    parser.add_argument("--e2e-size", help="N or HxW in pixels (default: the export's preferred size)")
+    parser.add_argument("--e2e-guidance-scale", type=float, default=7.5, help="guidance scale (default 7.5)")
+
+
+def run_e2e(args: argparse.Namespace, progress, runner_options) -> list:
+    from diffprism.e2e_jobs import e2e_job, parse_size
+    from diffprism.placement import Placement, resolve
+    from exporters.errors import UsageError
+    from validation.e2e import PROMPTS, requests_for
+
+    if args.e2e_steps < 1:
+        raise UsageError(f"--e2e-steps {args.e2e_steps} must be at least 1", "pass e.g. --e2e-steps 10")
+    requests = requests_for(args.e2e_prompt or PROMPTS, size=parse_size(args.e2e_size, args.dir),
+                            steps=args.e2e_steps, guidance_scale=args.e2e_guidance_scale)
+    variant = resolve(args.dir, Placement.parse(f"{args.target}:{args.precision}"), {})
+    return e2e_job(args.dir, [variant], requests, runner_options=runner_options, progress=progress)
+
+
+def print_e2e(ui, results) -> None:
+    for result in results:
+        rows = []
+        for c in result.checks:
+            m = c.metrics
+            verdict = "[green]pass[/]" if c.passed else "[red]FAIL[/] " + "; ".join(c.violations)
+            rows.append([c.request.prompt[:40], c.request.seed, f"{m['latent_rel_l2']:.2e}", f"{m['psnr']:.1f}",
+                         f"{m['ssim']:.4f}", verdict])
+        if result.error:
+            rows.append(["-", "-", "-", "-", "-", f"[red]FAIL[/] {result.error}"])
+        t = result.tolerance
+        ui.table(f"images: {result.label} vs PyTorch (judged as {result.precision}: latent rel L2 <= "
+                 f"{t.latent_rel_l2:g}, PSNR >= {t.psnr:g} dB, SSIM >= {t.ssim:g})",
+                 ["prompt", "seed", "latent rel L2", "PSNR dB", "SSIM", "verdict"], rows)
+        status = "[green]PASSED[/]" if result.passed else "[red]FAILED[/]"
+        ui.info(f"{status}: {sum(c.passed for c in result.checks)}/{len(result.checks)} images within tolerance")

@@ -1,0 +1,241 @@
+"""Jobs on whole pipelines: generate an image, image-level validation, benchmarks, the HTML report.
+
+Each job records what it found under <out>/report/ and rewrites report.html; the
+manifest is always the last write.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from diffprism import manifest
+from diffprism.jobs import REPORT_DIR, _read_json, tree_specs
+from diffprism.placement import TORCH, Placement, Runners, mix_label, resolve
+from exporters.errors import UsageError
+from exporters.files import write_bytes_atomic, write_json_atomic
+from exporters.reference import save_npz
+from runtimes.pipeline import Generation, Request, close, generate, runners as pipeline_runners
+from validation import report
+from validation.e2e import E2EResult, check_pipeline, loosest
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+IMAGES = "images"
+MAX_GENERATIONS = 12  # generations kept in the report
+
+
+def default_size(out: Path) -> tuple[int, int]:
+    """The UNet's preferred latent size in pixels (e.g. 512x512 for SD 1.5, 64x64 for tiny-sd)."""
+    _, specs = tree_specs(out)
+    unet, vae = specs.get("unet"), specs.get("vae_decoder")
+    if unet is None or vae is None:
+        raise UsageError("image generation needs the unet and vae_decoder components", "re-export with all components")
+    scale = vae.outputs[0].axes[2].scale
+    return unet.dim("height").opt * scale, unet.dim("width").opt * scale
+
+
+def parse_size(text: str | None, out: Path) -> tuple[int, int]:
+    """'512' or '768x512' (height x width); None: the export's preferred size."""
+    if not text:
+        return default_size(out)
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"size '{text}' is not N or HxW", "write e.g. --size 512 or --size 768x512") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise UsageError(f"size '{text}' is not N or HxW", "write e.g. --size 512 or --size 768x512")
+    return (values[0], values[-1])
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+
+
+def _save_png(out: Path, rel: str, gen: Generation) -> str:
+    write_bytes_atomic(out / rel, gen.png())
+    return rel
+
+
+def _runner_info(pipe: Any) -> dict[str, dict[str, str]]:
+    return {name: runner.describe() for name, runner in pipeline_runners(pipe).items()}
+
+
+def _finish(out: Path, update: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite report.html from what report/ holds, then the manifest (always last)."""
+    report.write_report(out)
+    data = manifest.load(out) or manifest.new({"command": "report"})
+    update(data)
+    manifest.write(out, data)
+
+
+# --- generate -----------------------------------------------------------------------------
+
+
+def generate_job(out: Path, request: Request, *, default: Placement, overrides: Mapping[str, Placement] | None = None,
+                 image_path: Path, runner_options: Mapping[str, Any] | None = None,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    placements = resolve(out, default, overrides or {})
+    label = mix_label(placements)
+    runners = Runners(out, runner_options)
+    if progress:
+        progress(f"loading {label}")
+    pipe = runners.pipeline(placements, default)
+    try:
+        if progress:
+            progress(f"denoising {request.steps} steps")
+        gen = generate(pipe, request)
+        info = {"label": label, "placements": {n: p.label for n, p in placements.items()}, "runner": _runner_info(pipe),
+                "request": request.to_json(), "seconds": round(gen.seconds, 3)}
+    finally:
+        close(pipe)
+    write_bytes_atomic(image_path, gen.png())
+    info["image"] = str(image_path)
+    rel = f"{REPORT_DIR}/{IMAGES}/generated/{_slug(label)}-seed{request.seed}.png"
+    info["report_image"] = _save_png(out, rel, gen)
+    path = out / REPORT_DIR / "generations.json"
+    kept = [g for g in _read_json(path).get("generations", []) if g.get("report_image") != rel]
+    write_json_atomic(path, {"generations": ([info] + kept)[:MAX_GENERATIONS]})
+    _finish(out, lambda data: data.setdefault("stages", {}).__setitem__("generate", {
+        "label": label, "request": request.to_json(), "seconds": info["seconds"]}))
+    return info
+
+
+# --- image-level validation ---------------------------------------------------------------
+
+
+def _reference_key(out: Path, request: Request) -> str:
+    data = manifest.load(out) or {}
+    versions = data.get("versions", {})
+    basis = {"request": request.to_json(), "source": data.get("source"),
+             "torch": versions.get("torch"), "diffusers": versions.get("diffusers")}
+    return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reference_generations(out: Path, runners: Runners, requests: Sequence[Request],
+                          progress: Progress | None = None) -> list[Generation]:
+    """PyTorch generations of each request, cached in report/cache/ (keyed by request, source and versions)."""
+    found = []
+    for i, request in enumerate(requests):
+        path = out / REPORT_DIR / "cache" / f"torch-{_reference_key(out, request)}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as data:
+                found.append(Generation(data["image"], data["latents"], float(data["seconds"])))
+            continue
+        if progress:
+            progress(f"PyTorch reference {i + 1}/{len(requests)}")
+        gen = generate(runners.source_pipeline(), request)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_npz({"image": gen.image, "latents": gen.latents, "seconds": np.array(gen.seconds)}, tmp)
+        tmp.replace(path)
+        found.append(gen)
+    return found
+
+
+def e2e_job(out: Path, variants: Sequence[Mapping[str, Placement]], requests: Sequence[Request], *,
+            runner_options: Mapping[str, Any] | None = None, progress: Progress | None = None) -> list[E2EResult]:
+    """Generate every request through PyTorch and through each variant (component -> placement); judge the images."""
+    if not requests:
+        raise UsageError("no prompts for the end-to-end check", "pass at least one --e2e-prompt")
+    runners = Runners(out, runner_options)
+    reference = reference_generations(out, runners, requests, progress)
+    ref_images = [_save_png(out, f"{REPORT_DIR}/{IMAGES}/{TORCH}/{i}.png", g) for i, g in enumerate(reference)]
+    results = []
+    for placements in variants:
+        label = mix_label(placements)
+        precision = loosest([p.precision for p in placements.values()])
+        if progress:
+            progress(f"end-to-end {label}")
+        default = next(iter(placements.values()))
+        pipe = runners.pipeline(placements, default)
+        try:
+            result, _ = check_pipeline(
+                reference, pipe, requests, label=label, precision=precision,
+                placements={n: p.label for n, p in placements.items()},
+                on_image=lambda i, g, label=label: _save_png(out, f"{REPORT_DIR}/{IMAGES}/{_slug(label)}/{i}.png", g))
+            result.runner = _runner_info(pipe)
+        finally:
+            close(pipe)
+        results.append(result)
+    record_e2e(out, requests, reference, ref_images, results)
+    return results
+
+
+def record_e2e(out: Path, requests: Sequence[Request], reference: Sequence[Generation], ref_images: list[str],
+               results: Sequence[E2EResult]) -> None:
+    """Merge into report/validation.json under "e2e"; results judged against other requests are dropped."""
+    path = out / REPORT_DIR / "validation.json"
+    data = _read_json(path)
+    wanted = [r.to_json() for r in requests]
+    section = data.get("e2e") or {}
+    if section.get("requests") != wanted:
+        section = {"requests": wanted, "results": {}}
+    section["reference"] = {"images": ref_images, "seconds": [round(g.seconds, 3) for g in reference]}
+    for result in results:
+        section["results"][result.label] = result.to_json()
+    data["e2e"] = section
+    write_json_atomic(path, data)
+
+    def update(m: dict[str, Any]) -> None:
+        for result in results:
+            m.setdefault("validation", {})[f"e2e:{result.label}"] = {
+                "passed": result.passed, "precision": result.precision, "images": len(result.checks),
+                "failed": sum(not c.passed for c in result.checks), "error": result.error}
+
+    _finish(out, update)
+
+
+# --- benchmarks and report ----------------------------------------------------------------
+
+
+def bench_job(out: Path, variants: Sequence[Placement], *, size: tuple[int, int], steps: int, batch: int = 2,
+              warmup: int = 1, repeat: int = 5, image_runs: int = 2, components: list[str] | None = None,
+              runner_options: Mapping[str, Any] | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    from validation import bench
+
+    _, specs = tree_specs(out)
+    if components:
+        unknown = [c for c in components if c not in specs]
+        if unknown:
+            raise UsageError(f"component(s) {unknown} are not in this export", f"exported: {list(specs)}")
+        specs = {n: s for n, s in specs.items() if n in components}
+    runners = Runners(out, runner_options)
+    rows = [Placement(TORCH)] + [v for v in variants if v.target != TORCH]
+    result = bench.run(
+        specs, rows, make_runner=runners.runner, artifact_bytes=lambda name, p: _artifact_bytes(runners, name, p),
+        make_pipeline=lambda p: runners.pipeline(resolve(out, p, {}), p), size=size, steps=steps, batch=batch,
+        warmup=warmup, repeat=repeat, image_runs=image_runs, progress=progress)
+    result["hardware"] = manifest.hardware()
+    result["versions"] = manifest.versions()
+    write_json_atomic(out / REPORT_DIR / "bench.json", result)
+    _finish(out, lambda data: data.setdefault("stages", {}).__setitem__("bench", {
+        "size": list(size), "steps": steps, "batch": batch, "rows": [p.label for p in rows]}))
+    return result
+
+
+def _artifact_bytes(runners: Runners, name: str, placement: Placement) -> int | None:
+    if placement.target == TORCH:
+        from exporters.components import EXPORTERS
+
+        module = EXPORTERS[name].module(runners.source_pipeline())
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+    folder = runners.artifact_dir(placement) / name
+    if not folder.exists():
+        return None
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def report_job(out: Path) -> Path:
+    tree_specs(out)  # a clear error for a folder that is not an export
+    path = report.write_report(out)
+    data = manifest.load(out)
+    if data is not None:
+        manifest.write(out, data)
+    return path

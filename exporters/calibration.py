@@ -1,0 +1,220 @@
+"""Calibration capture: what each component really receives while the pipeline denoises.
+
+Every quantizer (OpenVINO/NNCF, ONNX Runtime QDQ, TensorRT int8) calibrates on the same
+capture: the pipeline runs in PyTorch over N prompts x the scheduler's steps, and hooks
+record the inputs of the UNet (every step, CFG batch, SDXL text_embeds/time_ids), the
+VAE decoder (final latents), the text encoders (token ids) and the VAE encoder (fed the
+decoded images, the closest thing to real images a text-to-image run has). Feeds are
+named and typed as the component's ComponentSpec inputs, so they go straight into a
+Runner or a quantizer's data reader.
+
+On disk: <out>/calibration/{info.json, <component>.npz}; npz keys are "<index>/<input>".
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from exporters.errors import SourceError, UsageError
+from exporters.files import staged_dir, write_json_atomic
+from exporters.reference import save_npz
+from exporters.spec import ComponentSpec
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_DIR = "calibration"
+INFO = "info.json"
+
+# Varied subjects, styles and lengths, so the UNet sees a spread of conditionings.
+DEFAULT_PROMPTS: list[str] = [
+    "a photograph of an astronaut riding a horse",
+    "a watercolor painting of a lighthouse on a rocky coast at dawn",
+    "a close-up portrait of an old fisherman, dramatic lighting, 85mm",
+    "a futuristic city skyline at night with neon signs, cyberpunk",
+    "a bowl of ramen on a wooden table, studio food photography",
+    "an oil painting of a field of sunflowers in the style of van gogh",
+    "a cute corgi puppy wearing sunglasses on the beach",
+    "an isometric pixel art castle floating in the clouds",
+]
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a text file, one per line (blank lines and '#' comments skipped)."""
+    if not path.is_file():
+        raise SourceError(f"prompt file {path} does not exist", "pass a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise SourceError(f"prompt file {path} holds no prompts", "write one prompt per line")
+    return prompts
+
+
+def pick_prompts(prompts: list[str] | None, num_prompts: int | None) -> list[str]:
+    """The first N prompts of a set, cycling through it when N exceeds its length (seeds still differ)."""
+    base = list(prompts) if prompts else list(DEFAULT_PROMPTS)
+    if num_prompts is None:
+        return base
+    if num_prompts < 1:
+        raise UsageError(f"--num-prompts {num_prompts} is not positive", "pass at least 1")
+    return [base[i % len(base)] for i in range(num_prompts)]
+
+
+class _Recorder:
+    """Collects feeds per component, converted to the spec's names and dtypes."""
+
+    def __init__(self, specs: Mapping[str, ComponentSpec]):
+        self.specs = specs
+        self.feeds: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in specs}
+
+    def add(self, component: str, values: Mapping[str, Any]) -> None:
+        spec = self.specs.get(component)
+        if spec is None:
+            return
+        feed = {}
+        for t in spec.inputs:
+            value = values[t.name]
+            arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            feed[t.name] = np.ascontiguousarray(arr.astype(np.dtype(t.dtype), copy=False))
+        spec.check_feed(feed)  # a capture that a runner would refuse is a bug here, not later
+        self.feeds[component].append(feed)
+
+
+def _bound(fn: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
+    ba = inspect.signature(fn).bind(*args, **kwargs)
+    return dict(ba.arguments)
+
+
+@contextmanager
+def _hooks(pipe: Any, recorder: _Recorder) -> Iterator[None]:
+    """Forward pre-hooks on the UNet and text encoders, a wrapper around vae.decode; all removed on exit."""
+    handles = []
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        def on_unet(module, args, kwargs):
+            a = _bound(module.forward, args, kwargs)
+            sample = a["sample"]
+            timestep = torch.as_tensor(a["timestep"]).reshape(-1).float()
+            values = {"sample": sample, "timestep": timestep.expand(sample.shape[0]),
+                      "encoder_hidden_states": a["encoder_hidden_states"]}
+            values.update(a.get("added_cond_kwargs") or {})
+            recorder.add("unet", values)
+
+        handles.append(unet.register_forward_pre_hook(on_unet, with_kwargs=True))
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is None:
+            continue
+
+        def on_text(module, args, kwargs, name=name):
+            recorder.add(name, {"input_ids": _bound(module.forward, args, kwargs)["input_ids"]})
+
+        handles.append(encoder.register_forward_pre_hook(on_text, with_kwargs=True))
+    vae = getattr(pipe, "vae", None)
+    original = vae.decode if vae is not None else None
+    if vae is not None:
+        def decode(z, *args, **kwargs):
+            recorder.add("vae_decoder", {"latent_sample": z})
+            out = original(z, *args, **kwargs)
+            image = out[0] if isinstance(out, tuple) else out.sample
+            recorder.add("vae_encoder", {"sample": image})
+            return out
+
+        vae.decode = decode  # instance attribute: the pipeline calls self.vae.decode
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        if vae is not None:
+            del vae.decode
+
+
+def capture(pipe: Any, out: Path, *, prompts: list[str] | None = None, steps: int = 4, seed: int = 0,
+            guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+            specs: dict[str, ComponentSpec] | None = None) -> Path:
+    """Run the pipeline over the prompts and write <out>/calibration atomically; returns that folder.
+
+    Prompt i runs with seed + i. Components absent from `specs` are not recorded; with
+    specs=None every component of the pipeline's family is (specs at their defaults).
+    """
+    if steps < 1:
+        raise UsageError(f"--steps {steps} is not positive", "pass at least 1")
+    prompts = pick_prompts(prompts, None)
+    if specs is None:
+        from exporters.export import plan_specs
+
+        _, specs = plan_specs(pipe)
+    height, width = _size(pipe, specs, height, width)
+    recorder = _Recorder(specs)
+    pipe.set_progress_bar_config(disable=True)
+    seeds = [seed + i for i in range(len(prompts))]
+    with torch.no_grad(), _hooks(pipe, recorder):
+        for i, (prompt, s) in enumerate(zip(prompts, seeds)):
+            generator = torch.Generator("cpu").manual_seed(s)
+            pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                 generator=generator, output_type="np")
+            log.info("calibration: ran prompt %d/%d", i + 1, len(prompts))
+    empty = [name for name, feeds in recorder.feeds.items() if not feeds]
+    if empty:
+        raise SourceError(f"the pipeline never called {empty} while denoising", "calibrate only the components it runs")
+    final = out / CALIBRATION_DIR
+    with staged_dir(final) as tmp:
+        for name, feeds in recorder.feeds.items():
+            save_npz({f"{i:05d}/{k}": v for i, feed in enumerate(feeds) for k, v in feed.items()}, tmp / f"{name}.npz")
+        info = {
+            "prompts": prompts,
+            "seeds": seeds,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "height": height,
+            "width": width,
+            "scheduler": type(pipe.scheduler).__name__,
+            "counts": {name: len(feeds) for name, feeds in recorder.feeds.items()},
+            "shapes": {name: {k: list(v.shape) for k, v in feeds[0].items()} for name, feeds in recorder.feeds.items()},
+        }
+        write_json_atomic(tmp / INFO, info)
+    log.info("calibration written to %s: %s", final, info["counts"])
+    return final
+
+
+def _size(pipe: Any, specs: Mapping[str, ComponentSpec], height: int | None, width: int | None) -> tuple[int, int]:
+    """Pixel size to run at: the given one, else the exported opt size, else the model's default."""
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    for spec in specs.values():
+        names = {d.name for d in spec.dims}
+        if {"height", "width"} <= names:
+            height = height or spec.dim("height").opt * factor
+            width = width or spec.dim("width").opt * factor
+            break
+    default = pipe.unet.config.sample_size * factor
+    return int(height or default), int(width or default)
+
+
+def info(calibration_dir: Path) -> dict[str, Any]:
+    path = calibration_dir / INFO
+    if not path.is_file():
+        raise SourceError(f"no calibration capture at {calibration_dir}", f"run 'diffprism calibrate {calibration_dir.parent}'")
+    return json.loads(path.read_text())
+
+
+def load_feeds(calibration_dir: Path, component: str) -> list[dict[str, np.ndarray]]:
+    """One feed per recorded call of `component`, in call order."""
+    path = calibration_dir / f"{component}.npz"
+    if not path.is_file():
+        raise SourceError(
+            f"no calibration data for '{component}' at {path}",
+            f"run 'diffprism calibrate {calibration_dir.parent}' first",
+        )
+    feeds: dict[int, dict[str, np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as data:
+        for key in data.files:
+            index, name = key.split("/", 1)
+            feeds.setdefault(int(index), {})[name] = data[key]
+    return [feeds[i] for i in sorted(feeds)]

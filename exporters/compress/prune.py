@@ -1,0 +1,160 @@
+"""Magnitude pruning of Conv2d/Linear weights: unstructured (masks) and structured (fewer channels).
+
+Unstructured pruning uses torch.nn.utils.prune (L1, global or per layer); the masks stay
+during distillation, so fine-tuning cannot revive pruned weights, and `make_permanent`
+folds them in before export. Structured pruning removes whole channels where the
+dependency is local and exact (see `prune_structured`), so the model gets smaller.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from exporters.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+PRUNABLE = (nn.Conv2d, nn.Linear)
+SCOPES = ("global", "layer")
+
+
+def weight_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, PRUNABLE)]
+
+
+def prune_unstructured(module: nn.Module, sparsity: float, scope: str = "global") -> int:
+    """Mask the smallest-|w| fraction `sparsity` of Conv/Linear weights; returns the layer count."""
+    if not 0.0 <= sparsity < 1.0:
+        raise UsageError(f"sparsity {sparsity} is outside [0, 1)", "pass a fraction such as sparsity=0.5")
+    if scope not in SCOPES:
+        raise UsageError(f"unknown pruning scope '{scope}'", f"choose from {', '.join(SCOPES)}")
+    params = [(m, "weight") for _, m in weight_layers(module)]
+    if scope == "global":  # one threshold over all layers: small layers may lose more or less than `sparsity`
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=sparsity)
+    else:
+        for m, name in params:
+            prune.l1_unstructured(m, name, amount=sparsity)
+    return len(params)
+
+
+def make_permanent(module: nn.Module) -> None:
+    """Fold masks into the weights (prune.remove) so export sees plain parameters with zeros."""
+    for _, m in weight_layers(module):
+        if prune.is_pruned(m) and hasattr(m, "weight_orig"):
+            prune.remove(m, "weight")
+
+
+def sparsity_report(module: nn.Module) -> dict[str, Any]:
+    """Measured on the weights themselves: overall fraction of zeros and the per-layer spread."""
+    zeros = total = 0
+    per_layer = []
+    for _, m in weight_layers(module):
+        w = m.weight.detach()
+        z = int((w == 0).sum())
+        zeros += z
+        total += w.numel()
+        per_layer.append(z / max(w.numel(), 1))
+    return {
+        "sparsity": round(zeros / max(total, 1), 6),
+        "zero_weights": zeros,
+        "prunable_weights": total,
+        "layers": len(per_layer),
+        "layer_sparsity_min": round(min(per_layer, default=0.0), 6),
+        "layer_sparsity_max": round(max(per_layer, default=0.0), 6),
+    }
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- structured ----------------------------------------------------------------------------
+
+
+def _keep(scores: torch.Tensor, ratio: float, unit: int = 1) -> torch.Tensor:
+    """Sorted indices of the units (blocks of `unit` channels) with the largest scores; at least one kept."""
+    units = scores.numel() // unit
+    per_unit = scores.reshape(units, unit).sum(1)
+    n_keep = max(1, units - int(units * ratio))
+    best = torch.topk(per_unit, n_keep).indices.sort().values
+    return (best[:, None] * unit + torch.arange(unit)).reshape(-1)
+
+
+def _slice_out(layer: nn.Module, idx: torch.Tensor) -> None:
+    layer.weight = nn.Parameter(layer.weight.detach()[idx].clone())
+    if getattr(layer, "bias", None) is not None:
+        layer.bias = nn.Parameter(layer.bias.detach()[idx].clone())
+    if isinstance(layer, nn.Linear):
+        layer.out_features = len(idx)
+    else:
+        layer.out_channels = len(idx)
+
+
+def _slice_in(layer: nn.Module, idx: torch.Tensor) -> None:
+    layer.weight = nn.Parameter(layer.weight.detach()[:, idx].clone())
+    if isinstance(layer, nn.Linear):
+        layer.in_features = len(idx)
+    else:
+        layer.in_channels = len(idx)
+
+
+def _prune_resnet(block: nn.Module, ratio: float) -> bool:
+    """Inner channels of a ResnetBlock2D (conv1 -> norm2 -> conv2), removed a whole GroupNorm group at a time.
+
+    Dropping whole groups keeps every remaining group's statistics exactly as before, so
+    GroupNorm stays valid (channels divisible by groups) with fewer groups.
+    """
+    norm = block.norm2
+    per_group = norm.num_channels // norm.num_groups
+    scores = block.conv1.weight.detach().abs().flatten(1).sum(1) + block.conv2.weight.detach().abs().sum((0, 2, 3))
+    idx = _keep(scores, ratio, per_group)
+    temb = getattr(block, "time_emb_proj", None)
+    if len(idx) == norm.num_channels or (temb is not None and temb.out_features != norm.num_channels):
+        return False  # nothing to remove, or scale-shift time embedding (2x channels): left alone
+    _slice_out(block.conv1, idx)
+    if temb is not None:
+        _slice_out(temb, idx)
+    norm.weight = nn.Parameter(norm.weight.detach()[idx].clone())
+    norm.bias = nn.Parameter(norm.bias.detach()[idx].clone())
+    norm.num_channels, norm.num_groups = len(idx), len(idx) // per_group
+    _slice_in(block.conv2, idx)
+    return True
+
+
+def _prune_geglu_ff(ff: nn.Module, ratio: float) -> bool:
+    """Hidden units of a GEGLU feed-forward: rows i and i+H of proj (value and gate) go together."""
+    proj, out = ff.net[0].proj, ff.net[2]
+    hidden = out.in_features
+    w = proj.weight.detach()
+    scores = w[:hidden].abs().sum(1) + w[hidden:].abs().sum(1) + out.weight.detach().abs().sum(0)
+    idx = _keep(scores, ratio)
+    if len(idx) == hidden:
+        return False
+    _slice_out(proj, torch.cat([idx, idx + hidden]))
+    _slice_in(out, idx)
+    return True
+
+
+def prune_structured(module: nn.Module, ratio: float) -> dict[str, int]:
+    """Remove `ratio` of the inner channels of ResNet blocks and transformer feed-forwards.
+
+    Only channels that no other layer reads are removed (inside a block), so block
+    interfaces, skip connections and attention head dims are untouched.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise UsageError(f"sparsity {ratio} is outside [0, 1)", "pass a fraction such as sparsity=0.5")
+    counts = {"resnet_blocks": 0, "feed_forwards": 0}
+    for _, m in list(module.named_modules()):
+        kind = type(m).__name__
+        if kind == "ResnetBlock2D" and isinstance(getattr(m, "norm2", None), nn.GroupNorm):
+            counts["resnet_blocks"] += _prune_resnet(m, ratio)
+        elif kind == "FeedForward" and type(m.net[0]).__name__ == "GEGLU":
+            counts["feed_forwards"] += _prune_geglu_ff(m, ratio)
+    if not any(counts.values()):
+        raise UsageError(f"structured pruning found nothing to prune in {type(module).__name__}",
+                         "use structured=false (unstructured pruning works on any Conv/Linear model)")
+    return counts

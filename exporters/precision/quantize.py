@@ -1,0 +1,105 @@
+"""INT8 with onnxruntime.quantization: static QDQ calibrated on captured inputs, and dynamic.
+
+ONNX Runtime recommends pre-processing (optimization + shape inference) before quantizing;
+`prepare` does that, and falls back to ONNX shape inference alone when the symbolic pass
+cannot follow a graph.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from exporters.errors import ExportError
+from exporters.files import working_dir
+from exporters.onnx_writer import ONNX_NAME
+
+log = logging.getLogger(__name__)
+
+STATIC_OPS = ("Conv", "MatMul", "Gemm")
+
+
+def prepare(src: Path, workdir: Path) -> Path:
+    """quant_pre_process of src/model.onnx into workdir (weights in one external file)."""
+    from onnxruntime.quantization import quant_pre_process
+
+    workdir = workdir.resolve()  # resolved before working_dir() changes the CWD
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / "prepared.onnx"
+    kwargs = dict(save_as_external_data=True, all_tensors_to_one_file=True, external_data_location="prepared.onnx_data")
+    src = src.resolve()
+    try:
+        with working_dir(workdir / "tmp"):
+            quant_pre_process(str(src / ONNX_NAME), str(out), **kwargs)
+    except Exception as exc:  # the symbolic pass does not know every op; ONNX's inference is enough
+        log.info("symbolic shape inference failed (%s); using ONNX shape inference only", type(exc).__name__)
+        for stale in workdir.glob("prepared.onnx*"):
+            stale.unlink()
+        with working_dir(workdir / "tmp"):
+            quant_pre_process(str(src / ONNX_NAME), str(out), skip_symbolic_shape=True, **kwargs)
+    return out
+
+
+class FeedReader:
+    """CalibrationDataReader over in-memory feeds (names as the graph's inputs, fp32)."""
+
+    def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]]):
+        self.feeds = list(feeds)
+        self._it: Iterator | None = None
+
+    def get_next(self):
+        if self._it is None:
+            self._it = iter(self.feeds)
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = None
+
+
+def static_int8(prepared: Path, out: Path, feeds: Sequence[Mapping[str, np.ndarray]], *, per_channel: bool = True,
+                exclude: Sequence[str] = (), op_types: Sequence[str] = STATIC_OPS) -> Path:
+    """QDQ int8 of the compute-heavy ops: uint8 activations calibrated (min/max) on `feeds`, int8 weights.
+
+    Only `op_types` are quantized: elementwise and shape ops gain nothing from int8 on CPU
+    and cost accuracy.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not feeds:
+        raise ExportError("static int8 needs calibration feeds", "run 'diffprism calibrate DIR' first")
+
+    class Reader(FeedReader, CalibrationDataReader):
+        pass
+
+    prepared, out = prepared.resolve(), out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with working_dir(out.parent / "tmp"):
+        quantize_static(str(prepared.resolve()), str(out.resolve()), Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(op_types),
+                        nodes_to_exclude=list(exclude) or None, use_external_data_format=True)
+    return out
+
+
+def dynamic_int8(src: Path, out: Path, workdir: Path, *, per_channel: bool = True,
+                 op_types: Sequence[str] = ("MatMul",)) -> Path:
+    """Weight int8, activations quantized per call at run time (MatMulInteger); no calibration.
+
+    The dynamic quantizer re-runs ONNX shape inference in strict mode, which rejects some
+    exporter value_info; it gets the graph without value_info and infers its own.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from exporters.precision import graph
+
+    model = graph.load(src)
+    del model.graph.value_info[:]
+    stripped = graph.save(model, workdir / "stripped").resolve()
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with working_dir(workdir.resolve() / "tmp"):
+        quantize_dynamic(str(stripped.resolve()), str(out.resolve()), op_types_to_quantize=list(op_types),
+                         per_channel=per_channel, weight_type=QuantType.QInt8, use_external_data_format=True)
+    return out

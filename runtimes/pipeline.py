@@ -1,0 +1,259 @@
+"""A diffusers pipeline whose components are Runners (torch, ONNX Runtime, OpenVINO, TensorRT, Core ML, mixed).
+
+Small shims stand in for the text encoders, the UNet and the VAE and forward each call
+to a Runner; everything else (tokenizers, scheduler loop, classifier-free guidance,
+SDXL's added conditioning, post-processing) is diffusers' own StableDiffusionPipeline
+or StableDiffusionXLPipeline code, so a runner pipeline differs from the PyTorch one
+only by what its runners compute.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporters.errors import SourceError, UsageError
+from exporters.spec import ComponentSpec
+from exporters.tree import read_tree_info
+from runtimes.base import Runner
+
+log = logging.getLogger(__name__)
+
+RunnerFactory = Callable[[ComponentSpec], Runner]
+
+# The components text-to-image needs, per family (the VAE encoder is for image-to-image).
+NEEDED = {"sd": ("text_encoder", "unet", "vae_decoder"), "sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_decoder")}
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def _frozen(config: Mapping[str, Any]):
+    from diffusers.configuration_utils import FrozenDict
+
+    return FrozenDict(config)
+
+
+class _Shim(nn.Module):
+    """What a diffusers pipeline reads from a model besides calling it: config, dtype, device."""
+
+    def __init__(self, runner: Runner, config: Mapping[str, Any]):
+        super().__init__()
+        self.runner = runner
+        self.config = _frozen(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # the feed/fetch contract is float32 whatever the runner computes in
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def _run(self, feed: dict[str, Any]) -> dict[str, torch.Tensor]:
+        arrays = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in feed.items()}
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.runner.infer(arrays).items()}
+
+
+class TextEncoderShim(_Shim):
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, output_hidden_states: bool | None = None,
+                return_dict: bool = True, **_: Any):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from transformers.models.clip.modeling_clip import CLIPTextModelOutput
+
+        names = self.runner.spec.output_names
+        hidden_names = sorted((n for n in names if n.startswith("hidden_states.")), key=lambda n: int(n.split(".")[1]))
+        if output_hidden_states and not hidden_names:
+            raise UsageError(f"{self.runner.spec.name} was exported without hidden states",
+                             "generate without clip_skip, or export an SDXL pipeline")
+        out = self._run({"input_ids": input_ids.to(torch.int64)})
+        hidden = tuple(out[n] for n in hidden_names) if hidden_names else None
+        if "text_embeds" in out:  # CLIPTextModelWithProjection: output[0] is the pooled projection
+            return CLIPTextModelOutput(text_embeds=out["text_embeds"], last_hidden_state=out["last_hidden_state"],
+                                       hidden_states=hidden)
+        return BaseModelOutputWithPooling(last_hidden_state=out["last_hidden_state"],
+                                          pooler_output=out.get("pooler_output"), hidden_states=hidden)
+
+
+class UNetShim(_Shim):
+    def __init__(self, runner: Runner, config: Mapping[str, Any]):
+        super().__init__(runner, config)
+        if "time_ids" in runner.spec.input_names:
+            # SDXL's pipeline checks the length of its added conditioning against this layer.
+            width = config["projection_class_embeddings_input_dim"]
+            self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, timestep_cond=None,
+                cross_attention_kwargs=None, added_cond_kwargs=None, return_dict: bool = True, **_: Any):
+        if timestep_cond is not None or cross_attention_kwargs:
+            raise UsageError("the exported UNet takes no timestep_cond or cross_attention_kwargs",
+                             "generate without LCM guidance embeddings or attention processors")
+        batch = sample.shape[0]
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
+        feed = {"sample": sample.float(), "timestep": t, "encoder_hidden_states": encoder_hidden_states.float()}
+        if "time_ids" in self.runner.spec.input_names:
+            if not added_cond_kwargs:
+                raise UsageError("the SDXL UNet needs text_embeds and time_ids", "use StableDiffusionXLPipeline")
+            feed["text_embeds"] = added_cond_kwargs["text_embeds"].float()
+            feed["time_ids"] = added_cond_kwargs["time_ids"].float()
+        out = self._run(feed)["out_sample"]
+        return SimpleNamespace(sample=out) if return_dict else (out,)
+
+
+class VaeDecoderShim(_Shim):
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None, **_: Any):
+        image = self._run({"latent_sample": z.float()})["sample"]
+        return SimpleNamespace(sample=image) if return_dict else (image,)
+
+    def forward(self, z: torch.Tensor):
+        return self.decode(z, return_dict=False)[0]
+
+
+SHIMS = {"text_encoder": TextEncoderShim, "text_encoder_2": TextEncoderShim, "unet": UNetShim,
+         "vae_decoder": VaeDecoderShim}
+
+
+def _component_config(tree: Path, name: str) -> dict[str, Any]:
+    path = tree / name / "config.json"
+    if not path.is_file():
+        raise SourceError(f"the exported tree has no {name}/config.json", "re-run 'diffprism export'")
+    return json.loads(path.read_text())
+
+
+def _scheduler(tree: Path):
+    import diffusers
+
+    path = tree / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise SourceError(f"the exported tree has no scheduler ({path})", "re-run 'diffprism export'")
+    cls = getattr(diffusers, json.loads(path.read_text())["_class_name"])
+    return cls.from_pretrained(tree / "scheduler")
+
+
+def _tokenizer(tree: Path, name: str):
+    from transformers import AutoTokenizer
+
+    if not (tree / name).is_dir():
+        raise SourceError(f"the exported tree has no {name}/", "re-run 'diffprism export'")
+    return AutoTokenizer.from_pretrained(tree / name)
+
+
+def load_pipeline(tree: Path, make_runner: Callable[[str, ComponentSpec], Runner]):
+    """diffusers' text-to-image pipeline for the exported tree, each component a shim over make_runner(name, spec)."""
+    import diffusers
+
+    info, specs = read_tree_info(tree)
+    family = info["family"]
+    missing = [c for c in NEEDED[family] if c not in specs]
+    if missing:
+        raise SourceError(f"the export lacks {missing}, which image generation needs",
+                          f"re-export with all of {list(NEEDED[family])}")
+    models = {name: SHIMS[name](make_runner(name, specs[name]), _component_config(tree, name))
+              for name in NEEDED[family]}
+    index = json.loads((tree / "model_index.json").read_text())
+    cls = getattr(diffusers, PIPELINES[family])
+    common = dict(vae=models["vae_decoder"], text_encoder=models["text_encoder"], tokenizer=_tokenizer(tree, "tokenizer"),
+                  unet=models["unet"], scheduler=_scheduler(tree))
+    if family == "sdxl":
+        pipe = cls(**common, text_encoder_2=models["text_encoder_2"], tokenizer_2=_tokenizer(tree, "tokenizer_2"),
+                   force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True), add_watermarker=False)
+    else:
+        pipe = cls(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def close(pipe: Any) -> None:
+    """Free every runner of a runner pipeline (a no-op for a PyTorch pipeline)."""
+    for module in pipe.components.values():
+        if isinstance(module, _Shim):
+            module.runner.deactivate()
+
+
+def runners(pipe: Any) -> dict[str, Runner]:
+    """Component name (as exported) -> its runner."""
+    return {m.runner.spec.name: m.runner for m in pipe.components.values() if isinstance(m, _Shim)}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One text-to-image call; the seed fixes the initial latents and any scheduler noise."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int = 0
+    steps: int = 20
+    height: int = 512
+    width: int = 512
+    guidance_scale: float = 7.5
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Generation:
+    image: np.ndarray  # HWC float32 in [0, 1]
+    latents: np.ndarray  # final denoised latents, before the VAE
+    seconds: float
+
+    def png(self) -> bytes:
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(to_uint8(self.image)).save(buf, format="PNG")
+        return buf.getvalue()
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def vae_scale(pipe: Any) -> int:
+    return pipe.vae_scale_factor
+
+
+def initial_latents(pipe: Any, request: Request) -> torch.Tensor:
+    """Seeded unscaled noise; the pipeline multiplies it by the scheduler's init_noise_sigma itself."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    f = vae_scale(pipe)
+    if request.height % f or request.width % f:
+        raise UsageError(f"image size {request.height}x{request.width} is not a multiple of {f}",
+                         f"use a multiple of {f}")
+    shape = (1, pipe.unet.config.in_channels, request.height // f, request.width // f)
+    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(request.seed), dtype=torch.float32)
+
+
+def generate(pipe: Any, request: Request, latents: torch.Tensor | None = None) -> Generation:
+    """Run a diffusers pipeline (PyTorch or runner-driven) with fixed initial latents; keep the final latents."""
+    if latents is None:
+        latents = initial_latents(pipe, request)
+    final: dict[str, torch.Tensor] = {}
+
+    def keep(_pipe, _step, _t, kwargs):
+        final["latents"] = kwargs["latents"].detach().clone()
+        return {}
+
+    pipe.set_progress_bar_config(disable=True)
+    if getattr(pipe, "watermark", None) is not None:
+        pipe.watermark = None  # the invisible watermark would differ from run to run of the same latents
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = pipe(
+            prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
+            height=request.height, width=request.width, guidance_scale=request.guidance_scale,
+            latents=latents.clone(), generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np",
+            callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"],
+        )
+    seconds = time.perf_counter() - start
+    image = np.asarray(result.images[0], dtype=np.float32)
+    return Generation(image, final["latents"].float().cpu().numpy(), seconds)

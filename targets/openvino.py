@@ -1,0 +1,364 @@
+"""OpenVINO target: each ONNX component -> OpenVINO IR, in a tree optimum-intel's OVDiffusionPipeline loads.
+
+<out>/openvino-<precision>/ holds model_index.json, scheduler/, tokenizer*/ (copied from the
+ONNX tree) and <component>/{openvino_model.xml, openvino_model.bin, config.json}.
+
+Precisions:
+- fp32: converted as is.
+- fp16: weights stored as f16 (OpenVINO decompresses them at load; compute precision is the
+  runtime's inference precision hint, see runtimes/openvino_runner.py).
+- int8: components in `quantize_activations` (default: the UNet, which runs every step) get
+  NNCF post-training quantization calibrated on the captured UNet inputs (`diffprism calibrate`);
+  the scheme is optimum-intel's hybrid one by default (activations and weights of convolutions
+  and of activation-activation matmuls quantized, linear layers weight-only int8) or `full`
+  (linear layers' activations quantized too). Other components get weight-only int8.
+- int4: NNCF weight-only int4 of matmul/embedding weights, grouped; a layer whose input width
+  does not divide by the group gets the largest power-of-two group that does (>= 16), and
+  layers that fit no group (and convolutions, which NNCF keeps in backup mode) get int8.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from exporters.calibration import CALIBRATION_DIR
+from exporters.errors import ExportError, UsageError
+from exporters.export import ONNX_DIR
+from exporters.files import staged_dir
+from exporters.onnx_writer import ONNX_NAME
+from exporters.spec import Axis, ComponentSpec, Dim
+from exporters.tree import TREE_INFO, read_tree_info, write_tree_info
+from targets.base import Availability, BuildResult, Target, TargetConfig
+
+log = logging.getLogger(__name__)
+
+XML_NAME = "openvino_model.xml"
+BIN_NAME = "openvino_model.bin"
+EXTRA = "pip install 'diffprism[openvino]'"
+
+
+class OpenVinoConfig(TargetConfig):
+    # Fixed input size in pixels, "HEIGHTxWIDTH" (OpenVINO runs static shapes faster); None keeps the
+    # spec's bounded dynamic ranges. `batch` fixes the batch dim the same way.
+    static: str | None = None
+    batch: int | None = Field(default=None, ge=1)
+    # Pixels per latent for `static`; read from the exported VAE, needed only for an export without one.
+    vae_scale_factor: int | None = Field(default=None, ge=1)
+    # int8: components quantized with activations (calibrated); the rest are weight-only int8.
+    quantize_activations: list[str] = Field(default_factory=lambda: ["unet"])
+    int8_scheme: Literal["hybrid", "full"] = "hybrid"
+    calibration_samples: int = Field(default=300, ge=1)  # at most this many captured calls per component
+    # int4: NNCF weight compression parameters.
+    int4_mode: Literal["int4_asym", "int4_sym"] = "int4_asym"
+    int4_group_size: int = Field(default=64, ge=-1)
+    int4_ratio: float = Field(default=1.0, gt=0, le=1)
+
+
+class OpenVinoTarget(Target):
+    name = "openvino"
+    precisions = ("fp32", "fp16", "int8", "int4")
+    Config = OpenVinoConfig
+
+    def availability(self) -> Availability:
+        missing = []
+        for module in ("openvino", "nncf"):
+            try:
+                __import__(module)
+            except ImportError:
+                missing.append(module)
+        if missing:
+            return Availability(False, f"{' and '.join(missing)} not installed", EXTRA)
+        return Availability(True)
+
+    # -- plan (pure) ---------------------------------------------------------------------
+    def plan(self, tree: Path, specs: dict[str, ComponentSpec], config: TargetConfig) -> dict[str, Any]:
+        assert isinstance(config, OpenVinoConfig)
+        unknown = [c for c in config.quantize_activations if c not in specs] if config.precision == "int8" else []
+        if unknown and config.components is None:
+            raise UsageError(f"quantize_activations names {unknown}, not in this export", f"exported: {list(specs)}")
+        size = _parse_static(config.static) if config.static else None
+        factor = (config.vae_scale_factor or _vae_scale(specs, tree)) if size else 1
+        components = {}
+        for name, spec in specs.items():
+            built = _fixed_spec(spec, size, factor, config.batch)
+            components[name] = {
+                "onnx": str(tree / name / ONNX_NAME),
+                "spec": built.to_json(),
+                "shapes": _partial_shapes(built),
+                "compression": _compression(config, name),
+            }
+        out_name = self.output_dir(Path("."), config).name
+        return {
+            "target": self.name,
+            "precision": config.precision,
+            "tree": str(tree),
+            "out_name": out_name,
+            "static": config.static,
+            "batch": config.batch,
+            "components": components,
+            "calibration_samples": config.calibration_samples,
+            "int8_scheme": config.int8_scheme,
+            "int4": {"mode": config.int4_mode, "group_size": config.int4_group_size, "ratio": config.int4_ratio},
+        }
+
+    # -- build ---------------------------------------------------------------------------
+    def build(self, plan: dict[str, Any], out: Path) -> BuildResult:
+        self.availability().require("OpenVINO target")
+        import openvino as ov
+
+        needs_data = [n for n, c in plan["components"].items() if c["compression"] == "int8_activations"]
+        calibration = out / CALIBRATION_DIR
+        if needs_data and not (calibration / "info.json").is_file():
+            raise UsageError(
+                f"int8 quantizes the activations of {needs_data} and needs a calibration capture ({calibration} is missing)",
+                f"run 'diffprism calibrate {out}' first, or pass --option quantize_activations=[] for weight-only int8",
+            )
+        tree = Path(plan["tree"])
+        info, _ = read_tree_info(tree)
+        final = out / plan["out_name"]
+        result = BuildResult(self.name, plan["precision"], final)
+        with staged_dir(final) as tmp:
+            _copy_pipeline_files(tree, tmp)
+            specs = {}
+            for name, comp in plan["components"].items():
+                start = time.perf_counter()
+                spec = ComponentSpec.from_json(comp["spec"])
+                specs[name] = spec
+                model = ov.convert_model(comp["onnx"])
+                model.reshape({k: ov.PartialShape(v) for k, v in comp["shapes"].items()})
+                model = _compress(model, comp["compression"], name, plan, calibration)
+                directory = tmp / name
+                directory.mkdir()
+                ov.save_model(model, str(directory / XML_NAME), compress_to_fp16=comp["compression"] == "fp16")
+                shutil.copy2(tree / name / "config.json", directory / "config.json")
+                del model
+                summary = ir_summary(ov.Core().read_model(str(directory / XML_NAME)))  # what the file holds
+                size = (directory / XML_NAME).stat().st_size + (directory / BIN_NAME).stat().st_size
+                result.details[name] = {
+                    "compression": comp["compression"],
+                    "bytes": size,
+                    "onnx_bytes": _onnx_bytes(tree / name),
+                    "seconds": round(time.perf_counter() - start, 2),
+                    "fake_quantize": summary["ops"].get("FakeQuantize", 0),
+                    "weight_types": summary["weights"],
+                }
+                log.info("openvino %s %s: %s", plan["precision"], name, result.details[name])
+            write_tree_info(tmp, {**info, "precision": plan["precision"], "target": self.name,
+                                  "static": plan["static"], "batch": plan["batch"]}, specs)
+        result.files = sorted(p for p in final.rglob("*") if p.is_file())
+        return result
+
+    # -- runner --------------------------------------------------------------------------
+    def runner(self, artifact_dir: Path, spec: ComponentSpec, **options: Any):
+        from runtimes.openvino_runner import OpenVinoRunner
+
+        xml = artifact_dir / spec.name / XML_NAME
+        if not xml.is_file():
+            raise ExportError(f"no OpenVINO IR for '{spec.name}' at {xml}", f"re-run 'diffprism compile --target {self.name}'")
+        # A static build accepts only its fixed dims: the runner checks feeds against the built spec.
+        if (artifact_dir / TREE_INFO).is_file():
+            spec = read_tree_info(artifact_dir)[1].get(spec.name, spec)
+        return OpenVinoRunner(spec, xml, **options)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _compression(config: OpenVinoConfig, component: str) -> str:
+    if config.precision == "int8":
+        return "int8_activations" if component in config.quantize_activations else "int8_weights"
+    if config.precision == "int4":
+        return "int4_weights"
+    return config.precision  # fp32 / fp16
+
+
+def _parse_static(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if not m:
+        raise UsageError(f"static size {text!r} is not HEIGHTxWIDTH", "write e.g. --option static=512x512")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _vae_scale(specs: dict[str, ComponentSpec], tree: Path) -> int:
+    """Pixels per latent, from any spec with a pixel-space axis (the VAE's images)."""
+    every = {**read_tree_info(tree)[1], **specs} if (tree / TREE_INFO).is_file() else specs
+    for spec in every.values():
+        for t in (*spec.inputs, *spec.outputs):
+            for a in t.axes:
+                if isinstance(a, Axis) and a.dim == "height" and a.scale > 1:
+                    return a.scale
+    raise UsageError("static sizes are in pixels, but this export has no VAE to relate pixels to latents",
+                     "pass --option vae_scale_factor=8 (SD/SDXL), or leave shapes dynamic")
+
+
+def _fixed_spec(spec: ComponentSpec, size: tuple[int, int] | None, factor: int, batch: int | None) -> ComponentSpec:
+    """The spec with height/width (and the sequence) fixed for a static size, and batch fixed if asked."""
+    ranges: dict[str, tuple[int, int, int]] = {}
+    names = {d.name for d in spec.dims}
+    if size is not None:
+        for dim, px in zip(("height", "width"), size):
+            if dim in names:
+                if px % factor:
+                    raise UsageError(f"static {dim} {px} px is not a multiple of the VAE scale {factor}",
+                                     f"use a multiple of {factor}")
+                ranges[dim] = (px // factor,) * 3
+        if "sequence" in names:
+            ranges["sequence"] = (spec.dim("sequence").opt,) * 3
+    if batch is not None and "batch" in names:
+        ranges["batch"] = (batch,) * 3
+    return spec.restrict(**ranges) if ranges else spec
+
+
+def _partial_shapes(spec: ComponentSpec) -> dict[str, list]:
+    """Per input: ints for static axes, [min, max] for bounded dynamic ones (OpenVINO's Dimension range)."""
+    dims: dict[str, Dim] = {d.name: d for d in spec.dims}
+    shapes = {}
+    for t in spec.inputs:
+        shape: list = []
+        for a in t.axes:
+            if isinstance(a, int):
+                shape.append(a)
+            else:
+                d = dims[a.dim]
+                shape.append(d.min * a.scale if d.is_static else [d.min * a.scale, d.max * a.scale])
+        shapes[t.name] = shape
+    return shapes
+
+
+def _copy_pipeline_files(tree: Path, dst: Path) -> None:
+    """model_index.json, scheduler/ and tokenizer*/: what optimum-intel reads besides the IRs."""
+    shutil.copy2(tree / "model_index.json", dst / "model_index.json")
+    for sub in tree.iterdir():
+        if sub.is_dir() and (sub.name == "scheduler" or sub.name.startswith("tokenizer")):
+            shutil.copytree(sub, dst / sub.name)
+
+
+def _onnx_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("model.onnx"))
+
+
+def _compress(model, compression: str, name: str, plan: dict[str, Any], calibration: Path):
+    if compression in ("fp32", "fp16"):
+        return model
+    with _nncf_output_to_stderr():
+        return _compress_nncf(model, compression, name, plan, calibration)
+
+
+@contextlib.contextmanager
+def _nncf_output_to_stderr():
+    """NNCF logs and draws progress bars on stdout, which belongs to the CLI's --json document."""
+    import nncf  # noqa: F401  (sets up its logger)
+
+    handlers = [(h, h.stream) for h in logging.getLogger("nncf").handlers if isinstance(h, logging.StreamHandler)]
+    for h, _ in handlers:
+        h.setStream(sys.stderr)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for h, stream in handlers:
+            h.setStream(stream)
+
+
+def _compress_nncf(model, compression: str, name: str, plan: dict[str, Any], calibration: Path):
+    import nncf
+
+    if compression == "int8_weights":
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    if compression == "int4_weights":
+        p = plan["int4"]
+        return nncf.compress_weights(
+            model,
+            mode=nncf.CompressWeightsMode(p["mode"]),
+            group_size=p["group_size"],
+            ratio=p["ratio"],
+            backup_mode=nncf.BackupMode.INT8_ASYM,
+            # Tiny models (and some full-size layers) have input widths the group does not divide:
+            # use a smaller power-of-two group there instead of failing; below 16, int8.
+            advanced_parameters=nncf.AdvancedCompressionParameters(
+                group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST, min_adjusted_group_size=16),
+        )
+    if compression == "int8_activations":
+        return _quantize(model, name, plan, calibration)
+    raise ExportError(f"unknown compression '{compression}' for {name}")
+
+
+def _quantize(model, name: str, plan: dict[str, Any], calibration: Path):
+    """Post-training int8 quantization of weights and activations, calibrated on captured inputs."""
+    import nncf
+
+    from exporters.calibration import load_feeds
+
+    feeds = load_feeds(calibration, name)
+    spec = ComponentSpec.from_json(plan["components"][name]["spec"])
+    usable = []
+    for feed in feeds:  # a static build only accepts captures at its own size
+        try:
+            spec.check_feed(feed)
+            usable.append(feed)
+        except Exception:
+            continue
+    if not usable:
+        raise UsageError(f"no calibration sample of '{name}' fits the build's shapes ({plan['static']}, batch {plan['batch']})",
+                         "re-run 'diffprism calibrate' at the static size, or drop the static option")
+    subset = min(len(usable), plan["calibration_samples"])
+    dataset = nncf.Dataset(usable)
+    ignored = None
+    if plan["int8_scheme"] == "hybrid":
+        # optimum-intel's hybrid scheme: linear layers (matmuls with constant weights) and embeddings
+        # get weight-only int8 first; the quantizer then leaves them alone and quantizes the rest.
+        names = _weighted_matmuls(model)
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                      ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+        ignored = nncf.IgnoredScope(names=names, validate=False) if names else None
+    return nncf.quantize(
+        model, dataset, subset_size=subset, model_type=nncf.ModelType.TRANSFORMER, ignored_scope=ignored,
+        # SmoothQuant is off as in optimum-intel's diffusion recipe: UNet activations are not outlier-heavy.
+        advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1),
+    )
+
+
+def _weighted_matmuls(model) -> list[str]:
+    """Friendly names of MatMul ops with a constant (possibly converted) weight input, and embedding Gathers."""
+    names = []
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        if kind == "MatMul" and any(_constant_source(op.input_value(i).get_node()) for i in (0, 1)):
+            names.append(op.get_friendly_name())
+        elif kind == "Gather" and _constant_source(op.input_value(0).get_node()) and \
+                op.input_value(0).get_element_type().is_real():
+            names.append(op.get_friendly_name())
+    return names
+
+
+def _constant_source(node) -> bool:
+    """A Constant, possibly behind a Convert (decompression) or a Transpose/Reshape of one."""
+    for _ in range(3):
+        if node.get_type_name() == "Constant":
+            return True
+        if node.get_type_name() not in ("Convert", "Transpose", "Reshape"):
+            return False
+        node = node.input_value(0).get_node()
+    return False
+
+
+def ir_summary(model) -> dict[str, dict[str, int]]:
+    """Op counts by type and Constant counts by element type: what a quantized IR really contains."""
+    ops: dict[str, int] = {}
+    weights: dict[str, int] = {}
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        ops[kind] = ops.get(kind, 0) + 1
+        if kind == "Constant":
+            et = op.get_output_element_type(0).get_type_name()
+            weights[et] = weights.get(et, 0) + 1
+    return {"ops": ops, "weights": weights}
+

@@ -1,0 +1,160 @@
+"""diffprism build: content-keyed stages, reruns that do nothing, resume after SIGKILL, one build per folder."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diffprism import manifest
+from diffprism.build import Keys, run_build
+from diffprism.cli import main
+from diffprism.recipe import load, parse
+from exporters.errors import EXIT_LOCKED, EXIT_VALIDATION_FAILED
+
+# report.html shows when it was written; every other file must be byte-identical across builds.
+TIMESTAMPED = {"report/report.html"}
+
+
+def _hashes(folder: Path) -> dict:
+    return {k: v for k, v in manifest.load(folder)["files"].items() if k not in TIMESTAMPED}
+
+
+def test_build_writes_a_verified_set(built):
+    data = manifest.load(built)
+    assert manifest.verify(built) == []
+    assert data["validation"]["onnxruntime-fp32"]["passed"]
+    assert data["source"] == {"kind": "preset", "preset": "tiny-sd", "seed": 0}
+    assert {"onnx/text_encoder/model.onnx", "onnx/vae_decoder/model.onnx_data", "reference/vae_decoder.npz",
+            "report/validation.json"} <= set(data["files"])
+    assert not any(rel.startswith(".stages") for rel in data["files"])  # bookkeeping is not part of the set
+
+
+def test_rerun_does_nothing_and_is_fast(copy_built, recipe_file):
+    folder = copy_built()
+    before = (folder / manifest.MANIFEST).read_bytes()
+    start = time.perf_counter()
+    report = run_build(load(recipe_file), folder)
+    elapsed = time.perf_counter() - start
+    assert set(report.actions().values()) == {"skipped"}
+    assert (folder / manifest.MANIFEST).read_bytes() == before
+    assert elapsed < 10, f"an up-to-date rerun took {elapsed:.1f}s"
+
+
+def test_changed_tolerance_reruns_only_validation_and_fails_with_exit_1(copy_built, tmp_path, capsys, recipe_text):
+    folder = copy_built()
+    recipe = tmp_path / "strict.toml"
+    # A cosine above 1 cannot hold: the verdict must fail, and only validation may run again.
+    recipe.write_text(recipe_text + "\n[validation.tolerances.fp32.text_encoder]\ncosine = 1.5\n")
+    assert main(["--json", "build", str(recipe), "--out", str(folder)]) == EXIT_VALIDATION_FAILED
+    out = json.loads(capsys.readouterr().out)
+    assert {k: v["action"] for k, v in out["stages"].items()} == {
+        "export": "skipped", "compile-onnxruntime-fp32": "skipped", "validate-onnxruntime-fp32": "built"}
+    assert not out["ok"] and not manifest.load(folder)["validation"]["onnxruntime-fp32"]["passed"]
+
+
+def test_changing_one_precision_changes_only_that_builds_keys(recipe_text):
+    two = recipe_text + '\n[[build]]\ntarget = "openvino"\nprecision = "fp32"\n'
+    a, b = parse(two), parse(two.replace('precision = "fp32"\n', 'precision = "fp16"\n', 2)
+                             .replace('target = "onnxruntime"\nprecision = "fp16"', 'target = "onnxruntime"\nprecision = "fp32"'))
+    ka, kb = Keys(a), Keys(b)
+    assert [x.id for x in b.build] == ["onnxruntime:fp32", "openvino:fp16"]
+    assert ka.export == kb.export
+    assert ka.compile(a.build[0]) == kb.compile(b.build[0]) and ka.validate(a.build[0]) == kb.validate(b.build[0])
+    assert ka.compile(a.build[1]) != kb.compile(b.build[1])
+    # Keys follow content: a different seed is a different export.
+    assert Keys(parse(recipe_text.replace('preset = "tiny-sd"', 'preset = "tiny-sd"\nseed = 1'))).export != ka.export
+
+
+def _openvino_ready() -> bool:
+    from targets.base import get_target
+
+    try:
+        return get_target("openvino").availability().ok
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _openvino_ready(), reason="the openvino target is not available in this build")
+def test_changing_one_precision_rebuilds_only_that_target(copy_built, tmp_path, recipe_text):
+    folder = copy_built()
+    first = tmp_path / "ov32.toml"
+    first.write_text(recipe_text + '\n[[build]]\ntarget = "openvino"\nprecision = "fp32"\n')
+    run_build(load(first), folder)
+    second = tmp_path / "ov16.toml"
+    second.write_text(recipe_text + '\n[[build]]\ntarget = "openvino"\nprecision = "fp16"\n')
+    report = run_build(load(second), folder)
+    assert report.actions() == {"export": "skipped", "compile-onnxruntime-fp32": "skipped",
+                                "validate-onnxruntime-fp32": "skipped", "compile-openvino-fp16": "built",
+                                "validate-openvino-fp16": "built"}
+
+
+def test_second_build_on_a_folder_gets_exit_7(copy_built, recipe_file):
+    folder = copy_built()
+    before = manifest.load(folder)["files"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom diffprism.lock import folder_lock\n"
+         "with folder_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(120)\n", str(folder)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["build", str(recipe_file), "--out", str(folder)]) == EXIT_LOCKED
+    finally:
+        holder.kill()
+        holder.wait()
+    assert manifest.verify(folder) == [] and manifest.load(folder)["files"] == before
+
+
+def _start(recipe: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}  # another set order than the in-process build
+    return subprocess.Popen([sys.executable, "-m", "diffprism.cli", "-q", "--json", "build", str(recipe), "--out",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the build finished before the kill point"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_at_several_points_resumes_to_the_same_hashes(built, recipe_file, tmp_path):
+    out = tmp_path / "killed"
+    stages = out / ".stages"
+    points = [
+        lambda: any((out / ".staging").glob("onnx.*/text_encoder/model.onnx")),  # mid export
+        lambda: (stages / "export.json").is_file(),  # export done, compile not started
+        lambda: (stages / "compile-onnxruntime-fp32.json").is_file(),  # before validation
+    ]
+    for ready in points:
+        _kill_when(_start(recipe_file, out), ready)
+        assert not (out / manifest.MANIFEST).exists()  # an interrupted build never looks finished
+    final = _start(recipe_file, out)
+    stdout, _ = final.communicate(timeout=900)
+    assert final.returncode == 0
+    actions = {k: v["action"] for k, v in json.loads(stdout)["stages"].items()}
+    assert actions == {"export": "skipped", "compile-onnxruntime-fp32": "skipped", "validate-onnxruntime-fp32": "built"}
+    assert manifest.verify(out) == []
+    assert _hashes(out) == _hashes(built)  # byte-identical to the uninterrupted build
+    assert not any((out / ".staging").glob("*"))
+
+
+def test_export_is_byte_identical_across_processes(exported, tmp_path):
+    """Same input, same bytes: hashes in manifests mean something across machines and reruns.
+
+    The SIGKILL test already compares text encoder and VAE decoder across processes; this
+    one covers the UNet against the shared session export."""
+    first = exported("tiny-sd")
+    second = tmp_path / "again"
+    env = {**os.environ, "PYTHONHASHSEED": "777"}  # set iteration order differs from this process
+    subprocess.run([sys.executable, "-m", "diffprism.cli", "-q", "export", "tiny-sd", "--components", "unet",
+                    "--out", str(second)], check=True, env=env, stderr=subprocess.DEVNULL)
+    ours = {k: v for k, v in manifest.load(second)["files"].items() if "unet" in k}
+    theirs = {k: v for k, v in manifest.load(first)["files"].items() if "unet" in k}
+    assert len(ours) == 4 and ours == theirs  # model.onnx, model.onnx_data, config.json, reference npz

@@ -1,0 +1,137 @@
+"""ONNX precision passes on the tiny-sd export: fp16, bf16 weights, automatic fp32 islands, int8, int4."""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from exporters import reference
+from exporters.errors import ExportError
+from exporters.precision import graph, half, int4, islands, quantize
+
+
+def _cases(exported, name):
+    cases = reference.load(exported("tiny-sd") / "reference" / f"{name}.npz")
+    return [c["inputs"] for c in cases.values()], [c["outputs"] for c in cases.values()]
+
+
+def _worst(path, feeds, refs):
+    return max(islands.rel_error(got[k], ref[k]) for got, ref in zip(graph.run(path, feeds), refs) for k in ref)
+
+
+def test_fp16_keeps_fp32_io_and_halves_weights(exported, tmp_path):
+    src = exported("tiny-sd") / "onnx" / "unet"
+    feeds, refs = _cases(exported, "unet")
+    path = graph.save(half.to_fp16(graph.load(src)), tmp_path / "unet")
+    model = onnx.load(str(path), load_external_data=False)
+    assert {i.type.tensor_type.elem_type for i in model.graph.input if i.name != "timestep"} == {onnx.TensorProto.FLOAT}
+    big = [i for i in onnx.load(str(path)).graph.initializer if np.prod(i.dims) > 1024]
+    assert big and all(i.data_type == onnx.TensorProto.FLOAT16 for i in big)
+    assert _worst(path, feeds, refs) < 1e-2
+
+
+def test_bf16_stores_bf16_weights_and_runs_in_fp32(exported, tmp_path):
+    src = exported("tiny-sd") / "onnx" / "text_encoder"
+    feeds, refs = _cases(exported, "text_encoder")
+    path = graph.save(half.to_bf16_weights(graph.load(src)), tmp_path / "te")
+    model = onnx.load(str(path))
+    stored = [i for i in model.graph.initializer if i.name.endswith(".bf16")]
+    assert stored and all(i.data_type == onnx.TensorProto.BFLOAT16 for i in stored)
+    original = {i.name: numpy_helper.to_array(i) for i in graph.load(src).graph.initializer}
+    one = stored[0]
+    expect = original[one.name.removesuffix(".bf16")].astype(ml_dtypes.bfloat16)
+    assert np.array_equal(numpy_helper.to_array(one).view(np.uint16), expect.view(np.uint16))
+    err = _worst(path, feeds, refs)
+    assert 0 < err < 3e-2  # bf16 rounding is visible but small
+
+
+@pytest.fixture(scope="module")
+def planted(exported, tmp_path_factory):
+    """The tiny-sd VAE decoder with its first conv scaled so activations exceed fp16's 65504."""
+    work = tmp_path_factory.mktemp("planted")
+    model = graph.load(exported("tiny-sd") / "onnx" / "vae_decoder")
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    inits = {i.name: i for i in model.graph.initializer}
+    for name in conv.input[1:]:
+        inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]) * 1e5, name))
+    path = graph.save(model, work / "fp32")
+    feeds, _ = _cases(exported, "vae_decoder")
+    refs = graph.run(path, feeds)
+    assert all(np.isfinite(r["sample"]).all() for r in refs)
+    return work, graph.load(path.parent), feeds, refs
+
+
+def test_planted_overflow_breaks_plain_fp16(planted):
+    work, model, feeds, refs = planted
+    plain = graph.save(half.to_fp16(model), work / "plain")
+    outs = graph.run(plain, feeds)
+    assert not all(np.isfinite(o["sample"]).all() for o in outs)
+
+
+def test_islands_fix_the_planted_overflow(planted, tmp_path):
+    work, model, feeds, refs = planted
+    fixed, report = islands.fp16_with_islands(model, feeds[:1], tmp_path, rel_l2=5e-3)
+    assert report.clean and report.kept_fp32 and report.overflowing
+    assert not np.isfinite(report.first_round_rel_l2["sample"])
+    path = graph.save(fixed, tmp_path / "fixed")
+    assert _worst(path, feeds, refs) < 5e-3  # every reference point, not only the search input
+    # only part of the graph stays fp32: the island is not the whole decoder
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert len(report.kept_fp32) < len(model.graph.node)
+    assert any(c not in report.kept_fp32 for c in convs)
+
+
+def test_clean_graph_needs_no_island(exported, tmp_path):
+    model = graph.load(exported("tiny-sd") / "onnx" / "vae_decoder")
+    feeds, _ = _cases(exported, "vae_decoder")
+    _, report = islands.fp16_with_islands(model, feeds[:1], tmp_path)
+    assert report.clean and report.kept_fp32 == [] and report.rounds == 1
+
+
+def test_island_search_needs_inputs(exported, tmp_path):
+    with pytest.raises(ExportError, match="at least one input"):
+        islands.fp16_with_islands(graph.load(exported("tiny-sd") / "onnx" / "vae_decoder"), [], tmp_path)
+
+
+def test_rel_error_flags_non_finite():
+    ref = np.ones(4, np.float32)
+    assert islands.rel_error(np.array([1, 1, np.inf, 1], np.float32), ref) == float("inf")
+    assert islands.rel_error(ref * 1.01, ref) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_int4_replaces_matmuls(exported, tmp_path):
+    src = exported("tiny-sd") / "onnx" / "unet"
+    feeds, refs = _cases(exported, "unet")
+    path = graph.save(int4.int4_weights(graph.load(src), block_size=32), tmp_path / "unet")
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    assert "MatMulNBits" in ops
+    assert _worst(path, feeds, refs) < 0.3
+
+
+def test_dynamic_int8_quantizes_matmuls(exported, tmp_path):
+    src = exported("tiny-sd") / "onnx" / "text_encoder"
+    feeds, refs = _cases(exported, "text_encoder")
+    out = quantize.dynamic_int8(src, tmp_path / "q" / "model.onnx", tmp_path)
+    ops = [n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node]
+    assert "MatMulInteger" in ops
+    assert _worst(out, feeds, refs) < 0.2
+
+
+def test_static_int8_needs_feeds(exported, tmp_path):
+    with pytest.raises(ExportError, match="calibration"):
+        quantize.static_int8(tmp_path / "x.onnx", tmp_path / "y.onnx", [])
+
+
+def test_quantizers_leave_nothing_in_the_working_directory(exported, tmp_path, monkeypatch):
+    """ONNX Runtime's quantization tools write temp files into the CWD; ours must not litter it."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    src = exported("tiny-sd") / "onnx" / "text_encoder"
+    feeds, _ = _cases(exported, "text_encoder")
+    prepared = quantize.prepare(src, tmp_path / "prep")
+    quantize.static_int8(prepared, tmp_path / "s" / "model.onnx", feeds[:1])
+    quantize.dynamic_int8(src, tmp_path / "d" / "model.onnx", tmp_path / "dwork")
+    assert list(cwd.iterdir()) == []

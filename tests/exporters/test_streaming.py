@@ -1,0 +1,127 @@
+"""Streamed export (exporters.streaming): same bytes and outputs as the plain export, no weights held."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from exporters import reference, streaming
+from exporters.export import export_component, export_pipeline, plan_specs
+from exporters.inputs import make_feed
+from exporters.onnx_writer import DATA_NAME, ONNX_NAME
+
+
+def _same_files(a, b) -> None:
+    for name in (ONNX_NAME, DATA_NAME):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{a.name}/{name} differs"
+
+
+def _same_outputs(a, b, spec) -> None:
+    feed = make_feed(spec, "opt", seed=7)
+    out_a = ort.InferenceSession(str(a / ONNX_NAME), providers=["CPUExecutionProvider"]).run(None, feed)
+    out_b = ort.InferenceSession(str(b / ONNX_NAME), providers=["CPUExecutionProvider"]).run(None, feed)
+    for x, y in zip(out_a, out_b):
+        assert np.array_equal(x, y)
+
+
+def test_streamed_pipeline_is_byte_identical_to_plain(exported, pipeline, tmp_path):
+    """tiny-sd, every component, weights from the in-memory state dict: same files, outputs, references."""
+    plain = exported("tiny-sd")
+    result = export_pipeline(pipeline("tiny-sd"), tmp_path, streaming=True)
+    for name, spec in result.specs.items():
+        _same_files(plain / "onnx" / name, tmp_path / "onnx" / name)
+        _same_outputs(plain / "onnx" / name, tmp_path / "onnx" / name, spec)
+        assert (plain / "reference" / f"{name}.npz").read_bytes() == (tmp_path / "reference" / f"{name}.npz").read_bytes()
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd2", "tiny-sdxl"])
+def test_streamed_unet_is_byte_identical_to_plain(exported, pipeline, tmp_path, preset):
+    """The UNet has the folded (transposed) weights; SD2 and SDXL add linear projections and text_time."""
+    pipe = pipeline(preset)
+    _, specs = plan_specs(pipe, ["unet"])
+    export_component(pipe, specs["unet"], tmp_path / "unet", 18, streaming=True)
+    plain = exported(preset) / "onnx" / "unet"
+    _same_files(plain, tmp_path / "unet")
+    _same_outputs(plain, tmp_path / "unet", specs["unet"])
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_sd(pipeline, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd-saved")
+    pipeline("tiny-sd").save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def test_export_from_safetensors_never_materialises_weights(exported, saved_tiny_sd, tmp_path, monkeypatch):
+    """From a saved folder the models are built on meta, traced on fake tensors, weights streamed."""
+    pipe = streaming.empty_pipeline(saved_tiny_sd)
+    assert streaming.has_no_storage(pipe.unet) and streaming.has_no_storage(pipe.vae)
+    traced = []
+    real_trace = streaming.trace
+
+    def checked_trace(wrapper, spec, fake_mode=None):
+        # Every parameter seen by the trace is a tensor without storage.
+        assert fake_mode is not None and streaming.has_no_storage(wrapper)
+        traced.append(spec.name)
+        return real_trace(wrapper, spec, fake_mode=fake_mode)
+
+    monkeypatch.setattr(streaming, "trace", checked_trace)
+    result = export_pipeline(pipe, tmp_path, components=["unet", "vae_decoder"])
+    assert traced == ["unet", "vae_decoder"]
+    assert streaming.has_no_storage(pipe.unet) and streaming.has_no_storage(pipe.vae)
+    plain = exported("tiny-sd")
+    for name in ("unet", "vae_decoder"):
+        _same_files(plain / "onnx" / name, tmp_path / "onnx" / name)
+        # References ran PyTorch with weights read layer by layer: same values as the plain run.
+        want = reference.load(plain / "reference" / f"{name}.npz")
+        got = reference.load(tmp_path / "reference" / f"{name}.npz")
+        for point, case in want.items():
+            for out, arr in case["outputs"].items():
+                np.testing.assert_array_equal(got[point]["outputs"][out], arr)
+    assert set(result.specs) == {"unet", "vae_decoder"}
+
+
+def test_safetensors_source_reads_and_converts(saved_tiny_sd):
+    source = streaming.SafetensorsSource.from_folder(saved_tiny_sd / "unet")
+    key = "conv_in.weight"
+    want = streaming.StateDictSource(
+        streaming.empty_pipeline(saved_tiny_sd).unet.state_dict()).keys()  # same key set as the model
+    assert set(source.keys()) == set(want)
+    arr = source.read(key, np.dtype(np.float32))
+    assert arr.flags.c_contiguous and arr.dtype == np.float32
+    half = source.read(key, np.dtype(np.float16))
+    np.testing.assert_array_equal(half, arr.astype(np.float16))
+
+
+def test_missing_weight_falls_back_to_plain_export(exported, pipeline, tmp_path, monkeypatch, caplog):
+    pipe = pipeline("tiny-sd")
+    _, specs = plan_specs(pipe, ["text_encoder"])
+
+    def partial_source(module, folder):
+        sd = dict(module.state_dict())
+        sd.pop(next(iter(sd)))
+        return streaming.StateDictSource(sd)
+
+    monkeypatch.setattr(streaming, "source_for", partial_source)
+    with caplog.at_level(logging.WARNING):
+        export_component(pipe, specs["text_encoder"], tmp_path / "te", 18, streaming=True)
+    assert "using the plain export" in caplog.text and "is not in the source" in caplog.text
+    _same_files(exported("tiny-sd") / "onnx" / "text_encoder", tmp_path / "te")
+
+
+def test_map_weights_to_float16_one_tensor_at_a_time(exported, tmp_path):
+    src = exported("tiny-sd") / "onnx" / "unet"
+    streaming.map_weights(src, tmp_path / "fp16", streaming.to_float16)
+    before = onnx.load(str(src / ONNX_NAME))
+    after = onnx.load(str(tmp_path / "fp16" / ONNX_NAME))
+    b = {t.name: onnx.numpy_helper.to_array(t) for t in before.graph.initializer}
+    a = {t.name: onnx.numpy_helper.to_array(t) for t in after.graph.initializer}
+    assert a.keys() == b.keys()
+    converted = [n for n in b if b[n].dtype == np.float32]
+    assert converted
+    for n in b:
+        want = b[n].astype(np.float16) if b[n].dtype == np.float32 else b[n]
+        assert a[n].dtype == want.dtype and np.array_equal(a[n], want)

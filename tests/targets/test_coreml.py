@@ -1,0 +1,330 @@
+"""Core ML target: conversion from the torch.export program, flexible shapes, compression, metadata,
+Apple's layout, structural validation here and numeric validation on macOS.
+
+Each (preset, components, options) build happens once per session (`built`); the builds write into
+a private folder that links the session export's onnx/ and reference/.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("coremltools")
+
+from diffprism.cli import main  # noqa: E402
+from exporters.errors import BackendUnavailable, ExportError, UsageError  # noqa: E402
+from exporters.tree import read_tree_info  # noqa: E402
+from targets import coreml_convert  # noqa: E402
+from targets.coreml import CoreMlTarget, write_vocabulary  # noqa: E402
+from targets.coreml_inspect import inspect_package  # noqa: E402
+
+TINY_SD = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+SMALL = ("text_encoder",)  # the quickest component, for the compression and option variants
+MAC_ONLY = "Core ML predictions need macOS"
+
+
+@pytest.fixture(scope="session")
+def built(exported, pipeline, tmp_path_factory):
+    """built(preset, components, **options) -> (out folder, BuildResult, specs), once per session."""
+    cache: dict = {}
+
+    def get(preset: str, components: tuple[str, ...], **options):
+        key = (preset, components, tuple(sorted(options.items())))
+        if key not in cache:
+            src = exported(preset)
+            out = tmp_path_factory.mktemp(f"coreml-{preset}")
+            for part in ("onnx", "reference"):
+                (out / part).symlink_to(src / part)
+            target = CoreMlTarget()
+            _, specs = read_tree_info(out / "onnx")
+            specs = {n: specs[n] for n in components}
+            config = target.config(components=list(components), **options)
+            plan = target.plan(out / "onnx", specs, config)
+            cache[key] = (out, target.build(plan, out, source=pipeline(preset)), specs)
+        return cache[key]
+
+    return get
+
+
+def package_spec(path: Path):
+    import coremltools as ct
+
+    return ct.utils.load_spec(str(path))
+
+
+# -- conversion of every component ----------------------------------------------------------
+
+
+def test_tiny_sd_every_component_converts_and_matches_its_spec(built):
+    out, result, specs = built("tiny-sd", TINY_SD)
+    assert result.out_dir == out / "coreml-fp16"
+    for name, spec in specs.items():
+        path = out / "coreml-fp16" / f"{name}.mlpackage"
+        facts = inspect_package(path, spec, precision="fp16", compress="none")
+        assert facts["ok"], facts["problems"]
+        assert facts["shapes"] == "range" and "fallback" not in result.details[name]
+        # The program handed to coremltools reproduces the stored PyTorch reference.
+        assert result.details[name]["program_rel_l2"] < 1e-4
+        pb = package_spec(path)
+        assert [i.name for i in pb.description.input] == spec.input_names
+        assert [o.name for o in pb.description.output] == spec.output_names
+        # fp16 weights, fp32 I/O
+        assert facts["weights"].get("float16", 0) > 0 and not facts["weights"].get("float32")
+        assert all(v["dtype"] in ("float32", "int32") for v in facts["io"].values())
+
+
+def test_flexible_shape_ranges_follow_the_component_spec(built):
+    out, _, specs = built("tiny-sd", TINY_SD)
+    unet = package_spec(out / "coreml-fp16" / "unet.mlpackage")
+    sample = next(i for i in unet.description.input if i.name == "sample").type.multiArrayType
+    ranges = [(r.lowerBound, r.upperBound) for r in sample.shapeRange.sizeRanges]
+    b, h, w = specs["unet"].dim("batch"), specs["unet"].dim("height"), specs["unet"].dim("width")
+    assert ranges == [(b.min, b.max), (4, 4), (h.min, h.max), (w.min, w.max)]
+    # The VAE encoder's image input is scale x the latent dims.
+    enc = package_spec(out / "coreml-fp16" / "vae_encoder.mlpackage")
+    image = enc.description.input[0].type.multiArrayType
+    scale = specs["vae_encoder"].inputs[0].axes[2].scale
+    assert [(r.lowerBound, r.upperBound) for r in image.shapeRange.sizeRanges][2] == (h.min * scale, h.max * scale)
+    # Token ids are int32 in Core ML (no int64 multiarrays).
+    te = package_spec(out / "coreml-fp16" / "text_encoder.mlpackage")
+    assert te.description.input[0].type.multiArrayType.dataType == te.description.input[0].type.multiArrayType.INT32
+
+
+def test_metadata_names_source_versions_precision_and_io(built):
+    out, _, specs = built("tiny-sd", TINY_SD)
+    pb = package_spec(out / "coreml-fp16" / "unet.mlpackage")
+    meta = pb.description.metadata
+    assert meta.author == "diffprism" and meta.versionString
+    assert "unet of tiny-sd" in meta.shortDescription
+    user = dict(meta.userDefined)
+    assert user["diffprism.precision"] == "fp16" and user["diffprism.compress"] == "none"
+    assert json.loads(user["diffprism.source"])["preset"] == "tiny-sd"
+    assert {"torch", "coremltools", "diffusers"} <= set(json.loads(user["diffprism.versions"]))
+    assert json.loads(user["diffprism.spec"]) == specs["unet"].to_json()
+    descriptions = {f.name: f.shortDescription for f in (*pb.description.input, *pb.description.output)}
+    assert "height in [" in descriptions["sample"] and descriptions["out_sample"].startswith("float32")
+
+
+def test_tiny_sdxl_text_encoders_and_unet(built):
+    out, result, specs = built("tiny-sdxl", ("text_encoder", "text_encoder_2", "unet"))
+    for name, spec in specs.items():
+        facts = inspect_package(out / "coreml-fp16" / f"{name}.mlpackage", spec, precision="fp16", compress="none")
+        assert facts["ok"], facts["problems"]
+        assert result.details[name]["program_rel_l2"] < 1e-4
+    outputs = [o.name for o in package_spec(out / "coreml-fp16" / "text_encoder_2.mlpackage").description.output]
+    # Core ML feature names are identifiers: hidden_states.1 -> hidden_states_1, recorded in the package.
+    assert outputs[0] == "text_embeds" and "hidden_states_1" in outputs
+    renamed = json.loads(dict(package_spec(out / "coreml-fp16" / "text_encoder_2.mlpackage").description.metadata
+                              .userDefined)["diffprism.io_names"])
+    assert renamed["hidden_states.1"] == "hidden_states_1" and "text_embeds" not in renamed
+    unet_inputs = [i.name for i in package_spec(out / "coreml-fp16" / "unet.mlpackage").description.input]
+    assert unet_inputs[-2:] == ["text_embeds", "time_ids"]
+
+
+# -- precision and compression --------------------------------------------------------------
+
+
+def test_fp32_keeps_fp32_weights(built):
+    out, result, specs = built("tiny-sd", ("text_encoder",), precision="fp32")
+    facts = inspect_package(out / "coreml-fp32" / "text_encoder.mlpackage", specs["text_encoder"],
+                            precision="fp32", compress="none")
+    assert facts["ok"], facts["problems"]
+    assert facts["weights"].get("float32", 0) > 0 and not facts["weights"].get("float16")
+
+
+@pytest.mark.parametrize("compress, op, components", [
+    ("palettize4", "constexpr_lut_to_dense", SMALL),
+    ("linear8", "constexpr_affine_dequantize", ("text_encoder",)),
+])
+def test_compressed_packages_are_smaller_and_carry_the_compression(built, compress, op, components):
+    plain_out, plain, _ = built("tiny-sd", TINY_SD)
+    out, result, specs = built("tiny-sd", components, compress=compress)
+    assert result.out_dir == out / f"coreml-fp16-{compress}"
+    for name in components:
+        facts = inspect_package(result.out_dir / f"{name}.mlpackage", specs[name], precision="fp16", compress=compress)
+        assert facts["ok"], facts["problems"]
+        assert facts["ops"].get(op, 0) > 0
+        assert result.details[name]["bytes"] < plain.details[name]["bytes"]
+        assert dict(package_spec(result.out_dir / f"{name}.mlpackage").description.metadata.userDefined)[
+            "diffprism.compress"] == compress
+
+
+def test_inspection_reports_mismatches(built):
+    out, _, specs = built("tiny-sd", TINY_SD)
+    path = out / "coreml-fp16" / "text_encoder.mlpackage"
+    wrong_precision = inspect_package(path, specs["text_encoder"], precision="fp32", compress="none")
+    assert not wrong_precision["ok"] and any("float16 weight" in p for p in wrong_precision["problems"])
+    wrong_compress = inspect_package(path, specs["text_encoder"], precision="fp16", compress="palettize4")
+    assert any("constexpr_lut_to_dense" in p for p in wrong_compress["problems"])
+    narrower = specs["text_encoder"].restrict(batch=(1, 1, 2))
+    wrong_shapes = inspect_package(path, narrower, precision="fp16", compress="none")
+    assert any("input_ids shapes" in p for p in wrong_shapes["problems"])
+
+
+# -- shapes: enumerated and the static fallback -------------------------------------------
+
+
+def test_enumerated_resolutions(built):
+    out, result, specs = built("tiny-sd", ("vae_decoder",), resolutions=("64x64", "32x64"))
+    assert result.details["vae_decoder"]["shapes"] == "enumerated"
+    dec = package_spec(result.out_dir / "vae_decoder.mlpackage").description.input[0].type.multiArrayType
+    shapes = {tuple(s.shape) for s in dec.enumeratedShapes.shapes}
+    scale = specs["vae_decoder"].outputs[0].axes[2].scale
+    assert (2, 4, 64 // scale, 64 // scale) in shapes and (1, 4, 32 // scale, 64 // scale) in shapes
+    assert len(shapes) == 2 * len({specs["vae_decoder"].dim("batch").at(p) for p in ("min", "opt", "max")})
+
+
+def test_static_fallback_is_recorded(exported, pipeline, tmp_path, monkeypatch):
+    """When the flexible conversion fails, the component is retraced and converted at its opt point."""
+    real = coreml_convert.convert
+
+    def flexible_fails(program, spec, *, mode, **kw):
+        if mode != "static":
+            raise ValueError("symbolic shape not supported")
+        return real(program, spec, mode=mode, **kw)
+
+    monkeypatch.setattr(coreml_convert, "convert", flexible_fails)
+    for part in ("onnx", "reference"):
+        (tmp_path / part).symlink_to(exported("tiny-sd") / part)
+    target = CoreMlTarget()
+    _, specs = read_tree_info(tmp_path / "onnx")
+    spec = specs["text_encoder"]
+    plan = target.plan(tmp_path / "onnx", {"text_encoder": spec}, target.config())
+    result = target.build(plan, tmp_path, source=pipeline("tiny-sd"))
+    details = result.details["text_encoder"]
+    assert details["shapes"] == "static" and "symbolic shape not supported" in details["fallback"]
+    assert "static-shape fallback" in result.note
+    facts = inspect_package(result.out_dir / "text_encoder.mlpackage", spec, precision="fp16", compress="none")
+    assert facts["ok"], facts["problems"]
+    assert facts["io"]["input_ids"]["static"] == list(spec.input_shapes("opt")["input_ids"])
+
+
+# -- plan and options -----------------------------------------------------------------------
+
+
+def test_plan_is_pure_and_options_are_checked(exported, tmp_path):
+    target = CoreMlTarget()
+    tree = exported("tiny-sd") / "onnx"
+    _, specs = read_tree_info(tree)
+    plan = target.plan(tree, specs, target.config())
+    assert plan["precision"] == "fp16" and plan["shapes"] == "range" and plan["dir"] == "coreml-fp16"
+    assert plan["source"]["preset"] == "tiny-sd" and list(plan["components"]) == list(specs)
+    assert target.output_dir(tmp_path, target.config(compress="palettize6")).name == "coreml-fp16-palettize6"
+    with pytest.raises(UsageError, match="compress"):
+        target.config(compress="int3")
+    with pytest.raises(UsageError, match="deployment target"):
+        target.config(minimum_deployment_target="macOS11")
+    with pytest.raises(UsageError, match="no precision"):
+        target.config(precision="int8")
+    with pytest.raises(UsageError, match="not a multiple"):
+        target.plan(tree, specs, target.config(resolutions="65x64"))
+    with pytest.raises(UsageError, match="enumerated needs"):
+        target.plan(tree, specs, target.config(shapes="enumerated"))
+    with pytest.raises(UsageError, match="source pipeline"):
+        target.build(plan, tmp_path)
+
+
+# -- Apple's Swift loader layout ----------------------------------------------------------
+
+
+def test_apple_names_layout(built):
+    out, result, _ = built("tiny-sd", SMALL, compress="palettize4", apple_names=True)
+    res = result.out_dir / "Resources"
+    assert (res / "TextEncoder.mlpackage" / "Manifest.json").is_file()
+    vocab = json.loads((res / "vocab.json").read_text())
+    assert "<|endoftext|>" in vocab and (res / "merges.txt").read_text().strip()
+    info = result.details["apple_names"]
+    if platform.system() != "Darwin":
+        assert info["mlmodelc"].startswith("skipped") and "xcrun coremlcompiler" in info["mlmodelc"]
+        assert not list(res.glob("*.mlmodelc"))
+
+
+def test_vocabulary_from_a_tokenizer_json_only_folder(exported, tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(exported("tiny-sd") / "onnx" / "tokenizer", tree / "tokenizer")
+    for f in ("vocab.json", "merges.txt"):
+        (tree / "tokenizer" / f).unlink(missing_ok=True)
+    assert (tree / "tokenizer" / "tokenizer.json").is_file()
+    dest = tmp_path / "res"
+    dest.mkdir()
+    write_vocabulary(tree, dest)
+    shipped = Path(__file__).resolve().parents[2] / "diffprism" / "assets" / "tokenizer"
+    assert json.loads((dest / "vocab.json").read_text()) == json.loads((shipped / "vocab.json").read_text())
+    ours = [line for line in (dest / "merges.txt").read_text().splitlines() if not line.startswith("#")]
+    assert ours == [line for line in (shipped / "merges.txt").read_text().splitlines() if not line.startswith("#")]
+
+
+# -- CLI: compile, structural validation --------------------------------------------------
+
+
+def test_cli_compile_and_structural_validate(copy_export, capsys):
+    out = copy_export("tiny-sd")
+    assert main(["--json", "compile", str(out), "--target", "coreml", "--precision", "fp16",
+                 "--compress", "palettize4", "--components", "text_encoder"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] and doc["dir"].endswith("coreml-fp16-palettize4")
+    assert doc["details"]["text_encoder"]["palettized_ops"] > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["targets"]["coreml-fp16-palettize4"]["config"]["compress"] == "palettize4"
+
+    args = ["--json", "validate", str(out), "--target", "coreml", "--components", "text_encoder",
+            "--option", "compress=palettize4"]
+    code = main(args)
+    doc = json.loads(capsys.readouterr().out)
+    if platform.system() == "Darwin":
+        pytest.skip("numeric validation ran (macOS); see test_numeric_validation_on_macos")
+    assert code == 0
+    assert doc["status"] == "structural" and doc["passed"] is None and doc["comparisons"] == []
+    assert doc["verdict"] == "structure ok, numerics not run" and "macOS" in doc["numerics_skipped"]
+    assert doc["structure"]["text_encoder"]["ok"] and doc["precision"] == "fp16-palettize4"
+    recorded = json.loads((out / "manifest.json").read_text())["validation"]["coreml-fp16-palettize4"]
+    assert recorded["status"] == "structural" and recorded["passed"] is None
+
+    assert main([*args, "--require-numeric"]) == 1
+    assert json.loads(capsys.readouterr().out)["ok"] is False
+    # No build of this variant: a clear error, not a structural "pass".
+    assert main(["--json", "validate", str(out), "--target", "coreml", "--precision", "fp32"]) == 3
+
+
+def test_runner_needs_macos_here(exported):
+    if platform.system() == "Darwin":
+        pytest.skip("this is macOS: predictions can run")
+    from runtimes.coreml_runner import CoreMlRunner
+
+    _, specs = read_tree_info(exported("tiny-sd") / "onnx")
+    runner = CoreMlRunner(specs["text_encoder"], Path("missing.mlpackage"))
+    with pytest.raises(BackendUnavailable, match=MAC_ONLY):
+        runner.activate()
+    assert not CoreMlTarget().runner_availability().ok
+
+
+@pytest.mark.macos
+def test_numeric_validation_on_macos(built):
+    """Core ML predictions against the stored PyTorch references (no PyTorch re-run)."""
+    if platform.system() != "Darwin":
+        pytest.skip(f"{MAC_ONLY} (this is {platform.system()})")
+    from diffprism.jobs import validate_job
+
+    out, _, _ = built("tiny-sd", TINY_SD)
+    result = validate_job(out, target="coreml", precision="fp16")
+    assert result.status == "numeric" and result.comparisons
+    assert result.passed, [c.to_json() for c in result.comparisons if not c.passed]
+
+
+def test_build_fails_clearly_when_the_source_changed(exported, pipeline, tmp_path):
+    """The traced program is checked against the export's reference: a different source is an error."""
+    from diffprism import presets
+
+    for part in ("onnx", "reference"):
+        (tmp_path / part).symlink_to(exported("tiny-sd") / part)
+    target = CoreMlTarget()
+    _, specs = read_tree_info(tmp_path / "onnx")
+    plan = target.plan(tmp_path / "onnx", {"text_encoder": specs["text_encoder"]}, target.config())
+    other = presets.build("tiny-sd", 1)  # other seed: other weights
+    with pytest.raises(ExportError, match="differs from the export"):
+        target.build(plan, tmp_path, source=other)
+    assert not (tmp_path / "coreml-fp16").exists()

@@ -1,0 +1,97 @@
+"""ONNX Runtime precision variants of tiny-sd: built once per module, each validated against PyTorch."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+
+from diffprism import manifest
+from diffprism.jobs import compile_job, validate_job
+from exporters import calibration
+from exporters.errors import SourceError, UsageError
+from exporters.tree import read_tree_info
+from targets.base import get_target
+
+VARIANTS = ("fp16", "bf16", "int8", "int8-dynamic", "int4")
+
+
+@pytest.fixture(scope="module")
+def built(exported, pipeline, tmp_path_factory):
+    """A copy of the tiny-sd export with a small calibration capture and every variant built."""
+    out = tmp_path_factory.mktemp("ort-variants") / "sd"
+    shutil.copytree(exported("tiny-sd"), out)
+    _, specs = read_tree_info(out / "onnx")
+    calibration.capture(pipeline("tiny-sd"), out, prompts=["a red cube"], steps=2, specs=specs)
+    results = {p: compile_job(out, target="onnxruntime", precision=p) for p in VARIANTS}
+    return out, results
+
+
+@pytest.mark.parametrize("precision", VARIANTS)
+def test_variant_passes_its_tolerance(built, precision):
+    out, _ = built
+    result = validate_job(out, target="onnxruntime", precision=precision)
+    assert result.passed, [c.to_json() for c in result.comparisons if not c.passed]
+    assert manifest.load(out)["validation"][f"onnxruntime-{precision}"]["passed"]
+
+
+@pytest.mark.parametrize("precision", VARIANTS)
+def test_variant_tree_is_laid_out_like_onnx(built, precision):
+    out, results = built
+    tree = out / f"onnx-{precision}"
+    assert results[precision].out_dir == tree
+    for item in (out / "onnx").iterdir():
+        assert (tree / item.name).exists(), item.name
+    info, specs = read_tree_info(tree)
+    assert info["precision"] == precision and set(specs) == set(read_tree_info(out / "onnx")[1])
+    for name in specs:
+        assert {p.name for p in (tree / name).iterdir()} == {"model.onnx", "model.onnx_data", "config.json"}
+        assert info["variant"][name]["bytes"] > 0
+    assert not (out / ".staging").exists() or not any((out / ".staging").iterdir())
+
+
+def _ops(out, precision, component):
+    return {n.op_type for n in onnx.load(str(out / f"onnx-{precision}" / component / "model.onnx"),
+                                          load_external_data=False).graph.node}
+
+
+def test_default_policy_per_component(built):
+    out, results = built
+    int8 = results["int8"].details
+    assert int8["unet"]["method"] == "int8" and int8["unet"]["calibration"] == "capture"
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(out, "int8", "unet")
+    assert int8["text_encoder"]["method"] == "int8-dynamic" and "MatMulInteger" in _ops(out, "int8", "text_encoder")
+    assert int8["vae_decoder"]["method"] == "fp16" and "islands" in int8["vae_decoder"]
+    assert "MatMulNBits" in _ops(out, "int4", "unet")
+    assert results["int4"].details["unet"]["bytes"] < results["int4"].details["unet"]["fp32_bytes"]
+    assert results["fp16"].details["unet"]["bytes"] < 0.7 * results["fp16"].details["unet"]["fp32_bytes"]
+
+
+def test_manifest_records_sizes_and_islands(built):
+    out, _ = built
+    targets = manifest.load(out)["targets"]
+    fp16 = targets["onnxruntime-fp16"]
+    assert fp16["dir"] == "onnx-fp16"
+    vae = fp16["details"]["vae_decoder"]
+    assert vae["islands"]["clean"] and isinstance(vae["islands"]["kept_fp32"], list)
+    assert json.loads(json.dumps(fp16["details"]))  # JSON-able as written
+
+
+def test_plan_applies_policy_overrides(exported):
+    tgt = get_target("onnxruntime")
+    _, specs = read_tree_info(exported("tiny-sd") / "onnx")
+    plan = tgt.plan(exported("tiny-sd") / "onnx", specs, tgt.config(precision="int8", policy={"vae_decoder": "fp32"}))
+    assert plan["components"]["vae_decoder"]["method"] == "fp32"
+    assert plan["components"]["unet"]["method"] == "int8"
+    with pytest.raises(UsageError, match="unknown method"):
+        tgt.plan(exported("tiny-sd") / "onnx", specs, tgt.config(precision="int8", policy={"unet": "int3"}))
+    with pytest.raises(UsageError, match="no precision"):
+        tgt.config(precision="fp8")
+
+
+def test_static_int8_without_capture_names_the_fix(copy_export):
+    out = copy_export("tiny-sd")
+    with pytest.raises(SourceError, match="diffprism calibrate"):
+        compile_job(out, target="onnxruntime", precision="int8", components=["unet"])
+    assert not (out / "onnx-int8").exists()  # nothing half-written left looking finished

@@ -1,0 +1,244 @@
+"""OpenVINO target: plans, builds of every precision from the tiny presets, IR contents, runner, validation."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporters import calibration
+from exporters.errors import BackendUnavailable, ShapeError, UsageError
+from exporters.tree import read_tree_info
+from targets.base import get_target
+
+ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'diffprism[openvino]')")
+pytest.importorskip("nncf", reason="nncf is not installed (pip install 'diffprism[openvino]')")
+
+from targets.openvino import BIN_NAME, XML_NAME, OpenVinoTarget, ir_summary  # noqa: E402
+
+
+def _ir(folder: Path, component: str):
+    return ov.Core().read_model(str(folder / component / XML_NAME))
+
+
+def _workdir(exported, pipeline, tmp_path_factory, name: str) -> Path:
+    """A private copy of the session export plus a small calibration capture (2 prompts x 2 steps)."""
+    out = tmp_path_factory.mktemp(f"ov-{name}") / name
+    shutil.copytree(exported(name), out)
+    specs = read_tree_info(out / "onnx")[1]
+    calibration.capture(pipeline(name), out, prompts=calibration.DEFAULT_PROMPTS[:2], steps=2, specs=specs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd(exported, pipeline, tmp_path_factory):
+    return _workdir(exported, pipeline, tmp_path_factory, "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def sd_builds(sd):
+    from diffprism.jobs import compile_job
+
+    return {p: compile_job(sd, target="openvino", precision=p) for p in ("fp32", "fp16", "int8", "int4")}
+
+
+# --- plan (pure) ---------------------------------------------------------------------------
+
+
+def test_plan_per_precision(exported):
+    tree = exported("tiny-sd") / "onnx"
+    specs = read_tree_info(tree)[1]
+    target = get_target("openvino")
+    plan = target.plan(tree, specs, target.config(precision="int8"))
+    assert plan["out_name"] == "openvino-int8"
+    assert {n: c["compression"] for n, c in plan["components"].items()} == {
+        "text_encoder": "int8_weights", "unet": "int8_activations", "vae_decoder": "int8_weights",
+        "vae_encoder": "int8_weights"}
+    plan = target.plan(tree, specs, target.config(precision="int8", quantize_activations=["unet", "vae_decoder"]))
+    assert plan["components"]["vae_decoder"]["compression"] == "int8_activations"
+    plan = target.plan(tree, specs, target.config(precision="int4"))
+    assert {c["compression"] for c in plan["components"].values()} == {"int4_weights"}
+    # Dynamic by default: the spec's bounded ranges (latent 16..64; the VAE encoder's pixels, VAE scale 2).
+    shapes = target.plan(tree, specs, target.config(precision="fp32"))["components"]
+    assert shapes["unet"]["shapes"]["sample"] == [[1, 4], 4, [16, 64], [16, 64]]
+    assert shapes["vae_encoder"]["shapes"]["sample"] == [[1, 4], 3, [32, 128], [32, 128]]
+    assert shapes["text_encoder"]["shapes"]["input_ids"] == [[1, 4], 77]
+
+
+def test_plan_static_shapes(exported, tmp_path):
+    tree = exported("tiny-sd") / "onnx"
+    specs = read_tree_info(tree)[1]
+    target = get_target("openvino")
+    comps = target.plan(tree, specs, target.config(precision="fp16", static="64x128", batch=2))["components"]
+    assert comps["unet"]["shapes"]["sample"] == [2, 4, 32, 64]  # pixels / VAE scale 2
+    assert comps["vae_encoder"]["shapes"]["sample"] == [2, 3, 64, 128]
+    assert comps["vae_decoder"]["shapes"]["latent_sample"] == [2, 4, 32, 64]
+    # An export without a VAE: pixels need the scale factor given explicitly.
+    unet_only = {"unet": specs["unet"]}
+    with pytest.raises(UsageError, match="vae_scale_factor"):
+        target.plan(tmp_path, unet_only, target.config(static="256x256"))
+    comps = target.plan(tmp_path, unet_only, target.config(static="256x256", vae_scale_factor=8))["components"]
+    assert comps["unet"]["shapes"]["sample"] == [[1, 4], 4, 32, 32]
+    with pytest.raises(UsageError, match="HEIGHTxWIDTH"):
+        target.plan(tree, specs, target.config(static="512"))
+    with pytest.raises(ShapeError, match="outside the exported range"):
+        target.plan(tree, specs, target.config(static="4096x4096"))
+    with pytest.raises(UsageError, match="not in this export"):
+        target.plan(tree, specs, target.config(precision="int8", quantize_activations=["transformer"]))
+    with pytest.raises(UsageError, match="no precision"):
+        target.config(precision="int2")
+
+
+def test_availability_and_registry():
+    target = get_target("openvino")
+    assert isinstance(target, OpenVinoTarget) and target.availability().ok
+
+
+def test_int8_without_calibration_says_what_to_run(copy_export):
+    from diffprism.jobs import compile_job
+
+    out = copy_export("tiny-sd")
+    with pytest.raises(UsageError, match="diffprism calibrate"):
+        compile_job(out, target="openvino", precision="int8", components=["unet"])
+    assert not (out / "openvino-int8").exists()
+
+
+# --- builds of tiny-sd -------------------------------------------------------------------------
+
+
+def test_layout_loadable_by_optimum_intel(sd, sd_builds):
+    folder = sd_builds["fp32"].out_dir
+    assert folder == sd / "openvino-fp32"
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert (folder / "scheduler" / "scheduler_config.json").is_file()
+    tokenizer = sorted(p.name for p in (sd / "onnx" / "tokenizer").iterdir())
+    assert tokenizer and sorted(p.name for p in (folder / "tokenizer").iterdir()) == tokenizer
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        for f in (XML_NAME, BIN_NAME, "config.json"):
+            assert (folder / name / f).is_file(), (name, f)
+    names = {p.get_any_name() for p in _ir(folder, "unet").inputs}
+    assert names == {"sample", "timestep", "encoder_hidden_states"}
+
+
+def test_sizes_reported_and_weights_really_compressed(sd_builds):
+    fp32 = sd_builds["fp32"].details["unet"]
+    for precision, result in sd_builds.items():
+        for name, d in result.details.items():
+            on_disk = sum((result.out_dir / name / f).stat().st_size for f in (XML_NAME, BIN_NAME))
+            assert d["bytes"] == on_disk > 0, (precision, name)
+    assert sd_builds["fp16"].details["unet"]["bytes"] < 0.7 * fp32["bytes"]
+    assert sd_builds["int8"].details["unet"]["bytes"] < 0.5 * fp32["bytes"]
+    assert sd_builds["int4"].details["unet"]["bytes"] < 0.5 * fp32["bytes"]
+    types = ir_summary(_ir(sd_builds["fp16"].out_dir, "unet"))["weights"]
+    assert types.get("f16", 0) > 0
+    assert "f16" not in ir_summary(_ir(sd_builds["fp32"].out_dir, "unet"))["weights"]
+
+
+def test_int8_unet_has_quantized_activations(sd_builds):
+    folder = sd_builds["int8"].out_dir
+    unet = ir_summary(_ir(folder, "unet"))
+    assert unet["ops"].get("FakeQuantize", 0) > 10  # activations quantized (calibrated)
+    assert unet["weights"].get("i8", 0) + unet["weights"].get("u8", 0) > 10  # int8 weights stored
+    assert sd_builds["int8"].details["unet"]["fake_quantize"] == unet["ops"]["FakeQuantize"]
+    # The other components are weight-only: int8 constants, no activation quantizers.
+    text = ir_summary(_ir(folder, "text_encoder"))
+    assert text["ops"].get("FakeQuantize", 0) == 0
+    assert text["weights"].get("u8", 0) + text["weights"].get("i8", 0) > 0
+
+
+def test_int4_has_4bit_weights(sd_builds):
+    for name in ("unet", "text_encoder"):
+        weights = ir_summary(_ir(sd_builds["int4"].out_dir, name))["weights"]
+        assert weights.get("u4", 0) + weights.get("i4", 0) > 0, (name, weights)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int4"])
+def test_validates_against_pytorch(sd, sd_builds, precision):
+    from diffprism import manifest
+    from diffprism.jobs import validate_job
+
+    result = validate_job(sd, target="openvino", precision=precision)
+    bad = [(c.component, c.point, c.error, [v for o in c.outputs for v in o.violations])
+           for c in result.comparisons if not c.passed]
+    assert result.passed, bad
+    assert len(result.comparisons) == 19  # every reference point of every component ran
+    assert {r["hint"] for r in result.runner.values()} == {"f32"}
+    assert {r["inference_precision"] for r in result.runner.values()} == {"f32"}
+    data = manifest.load(sd)
+    assert data["validation"][f"openvino-{precision}"]["passed"]
+    assert data["targets"][f"openvino-{precision}"]["details"]["unet"]["bytes"] > 0
+    if precision == "fp32":  # same math, other kernels
+        assert max(c.worst("rel_l2") for c in result.comparisons) < 1e-5
+
+
+# --- runner ----------------------------------------------------------------------------------
+
+
+def test_runner_hint_cache_and_device(sd, sd_builds, tmp_path):
+    from exporters import reference
+
+    target = get_target("openvino")
+    spec = read_tree_info(sd / "onnx")[1]["unet"]
+    case = reference.load(sd / "reference" / "unet.npz")["opt"]
+    cache = tmp_path / "cache"
+    with target.runner(sd_builds["fp32"].out_dir, spec, cache_dir=cache) as r:
+        f32 = r.infer(case["inputs"])["out_sample"]
+        assert r.describe()["inference_precision"] == "f32"
+    assert any(cache.iterdir())  # compiled blob cached for the next load
+    np.testing.assert_allclose(f32, case["outputs"]["out_sample"], rtol=1e-4, atol=1e-4)
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    with target.runner(sd_builds["fp32"].out_dir, spec, hint="bf16") as r:
+        bf16 = r.infer(case["inputs"])["out_sample"]
+        used = r.describe()["inference_precision"]
+    if "BF16" in caps:
+        assert used == "bf16"
+        assert not np.array_equal(bf16, f32)  # the hint really changed the compute precision
+    with pytest.raises(UsageError, match="precision hint"):
+        target.runner(sd_builds["fp32"].out_dir, spec, hint="int8")
+    with pytest.raises(BackendUnavailable, match="not present"):
+        target.runner(sd_builds["fp32"].out_dir, spec, device="NOSUCHDEVICE").activate()
+
+
+# --- static shapes, CLI, SDXL --------------------------------------------------------------------
+
+
+def test_static_int8_build_via_cli(sd, capfd):
+    from diffprism.cli import main
+
+    code = main(["--json", "compile", str(sd), "--target", "openvino", "--precision", "int8", "--components", "unet",
+                 "--option", "static=64x64", "--option", "batch=2", "--option", "int8_scheme=full"])
+    out = capfd.readouterr().out
+    assert code == 0
+    doc = json.loads(out)  # NNCF's progress output must not leak into the JSON document
+    assert doc["details"]["unet"]["fake_quantize"] > 0
+    model = _ir(sd / "openvino-int8", "unet")
+    assert all(p.get_partial_shape().is_static for p in model.inputs)
+    assert list(model.input("sample").get_shape()) == [2, 4, 32, 32]
+    code = main(["--json", "validate", str(sd), "--target", "openvino", "--precision", "int8", "--components", "unet"])
+    doc = json.loads(capfd.readouterr().out)
+    assert code == 0 and doc["passed"]
+    assert [c["point"] for c in doc["comparisons"]] == ["opt"]  # the one reference case of that fixed size
+    assert "unet/min" in doc["skipped_points"]
+
+
+@pytest.fixture(scope="module")
+def sdxl(exported, pipeline, tmp_path_factory):
+    return _workdir(exported, pipeline, tmp_path_factory, "tiny-sdxl")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_sdxl_builds_and_validates(sdxl, precision):
+    from diffprism.jobs import compile_job, validate_job
+
+    result = compile_job(sdxl, target="openvino", precision=precision)
+    assert set(result.details) == {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"}
+    assert (result.out_dir / "tokenizer_2").is_dir()
+    unet = _ir(result.out_dir, "unet")
+    assert {"text_embeds", "time_ids"} <= {p.get_any_name() for p in unet.inputs}
+    if precision == "int8":
+        assert ir_summary(unet)["ops"].get("FakeQuantize", 0) > 10
+    check = validate_job(sdxl, target="openvino", precision=precision)
+    bad = [(c.component, c.point, [v for o in c.outputs for v in o.violations]) for c in check.comparisons if not c.passed]
+    assert check.passed, bad
