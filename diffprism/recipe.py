@@ -32,7 +32,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from pathlib import Path
 from typing import Any
 
