@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -166,21 +167,21 @@ def measure(work: Path, runs: int) -> dict[str, dict]:
 
 def table(rows: dict[str, dict]) -> str:
     eager = rows["torch-fp32"]["median_s"]
-    lines = ["| variant | hint / compute | median s | x eager | peak RSS GB | size GB | cosine vs torch | rel L2 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | hint / compute | median s | min s | x eager (median) | peak RSS GB | size GB | cosine vs torch | rel L2 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for variant, r in rows.items():
         hint = r["runner"].get("inference_precision", r["runner"].get("dtype", ""))
-        lines.append(f"| {variant} | {hint} | {r['median_s']:.2f} | {r['median_s'] / eager:.2f} | "
+        lines.append(f"| {variant} | {hint} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['median_s'] / eager:.2f} | "
                      f"{r['peak_rss_gb']:.1f} | {r['size_gb']:.2f} | {r['cosine']:.5f} | {r['rel_l2']:.3g} |")
     return "\n".join(lines)
 
 
-def write_docs(rows: dict[str, dict], command: str, runs: int) -> None:
+def write_docs(rows: dict[str, dict], command: str, runs: int, load: str) -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "?")
     body = (f"{SECTION}\n\nsd15-random UNet (random weights, SD 1.5 architecture), latent 2x4x64x64 (512x512, CFG batch),"
-            f" static-shape IRs, median of {runs} runs after one warm-up, on {cpu} ({psutil.cpu_count()} cores, shared"
-            f" with other jobs). Peak RSS is the whole measuring process (load + compile + runs). Cosine and rel L2"
+            f" static-shape IRs, median of {runs} runs after one warm-up, on {cpu} ({psutil.cpu_count()} cores, load"
+            f" average {load} over the run). Peak RSS is the whole measuring process (load + compile + runs). Cosine and rel L2"
             f" compare out_sample with PyTorch fp32 on a captured denoising input.\n\n"
             f"Command: `{command}`\n\n{table(rows)}\n")
     text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
@@ -197,7 +198,7 @@ def write_docs(rows: dict[str, dict], command: str, runs: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "bench-out" / "openvino-unet")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--num-prompts", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--write-docs", action="store_true", help=f"write the table into {DOCS.name} ({SECTION})")
@@ -211,13 +212,15 @@ def main() -> int:
         child_build_full(args.work)
         return 0
     prepare(args.work, args.num_prompts, args.steps)
+    load_before = os.getloadavg()[0]
     rows = measure(args.work, args.runs)
+    load = f"{load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end"
     print(table(rows))
     print(json.dumps(rows, indent=2, default=str))
     if args.write_docs:
         command = "flock /tmp/diffprism-heavy.lock .venv/bin/python benchmarks/openvino_unet.py " + " ".join(
             a for a in sys.argv[1:])
-        write_docs(rows, command, args.runs)
+        write_docs(rows, command, args.runs, load)
     return 0
 
 

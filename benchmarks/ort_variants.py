@@ -15,31 +15,45 @@ import logging
 import statistics
 import sys
 import time
+
+import numpy as np
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffprism.jobs import calibrate_job, compile_job, export_job  # noqa: E402
+from exporters.errors import SourceError  # noqa: E402
 from exporters.export import ONNX_DIR  # noqa: E402
+from exporters.calibration import load_feeds  # noqa: E402
 from exporters.inputs import make_feed  # noqa: E402
 from exporters.precision import graph  # noqa: E402
 from exporters.spec import ShapeRequest  # noqa: E402
 from exporters.tree import read_tree_info  # noqa: E402
 from runtimes.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
+from validation.metrics import cosine, rel_l2  # noqa: E402
 
 PRECISIONS = ("fp16", "bf16", "int8", "int8-dynamic", "int4")
 
 
-def latency(model_dir: Path, spec, runs: int) -> float:
-    feed = make_feed(spec, "opt", seed=0)
+def latency(model_dir: Path, spec, feed, runs: int) -> tuple[float, np.ndarray]:
+    """Median seconds per UNet call after one warm-up, and the output for the quality columns."""
     with OnnxRuntimeRunner(spec, model_dir / "model.onnx") as runner:
-        runner.infer(feed)
+        out = runner.infer(feed)
         times = []
         for _ in range(runs):
             start = time.perf_counter()
             runner.infer(feed)
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), out[spec.output_names[0]]
+
+
+def unet_feed(out: Path, spec) -> dict:
+    """A real denoising input (a captured UNet call), else a random feed at the spec's opt point."""
+    try:
+        feeds = load_feeds(out / "calibration", "unet")
+        return feeds[min(1, len(feeds) - 1)]
+    except SourceError:  # no capture: random inputs still time the graph
+        return make_feed(spec, "opt", seed=0)
 
 
 def main() -> None:
@@ -59,22 +73,26 @@ def main() -> None:
         calibrate_job(out, num_prompts=1, steps=2)
     _, specs = read_tree_info(out / ONNX_DIR)
     spec = specs["unet"]
-    rows = [{"variant": "fp32", "bytes": graph.size_bytes(out / ONNX_DIR / "unet"),
-             "seconds": latency(out / ONNX_DIR / "unet", spec, args.runs)}]
+    feed = unet_feed(out, spec)
+    seconds, ref = latency(out / ONNX_DIR / "unet", spec, feed, args.runs)
+    rows = [{"variant": "fp32", "bytes": graph.size_bytes(out / ONNX_DIR / "unet"), "seconds": seconds,
+             "cosine": 1.0, "rel_l2": 0.0}]
     for precision in args.precisions.split(","):
         start = time.perf_counter()
         result = compile_job(out, target="onnxruntime", precision=precision, components=["unet"])
         built = time.perf_counter() - start
         unet = result.out_dir / "unet"
+        seconds, got = latency(unet, spec, feed, args.runs)
         rows.append({"variant": precision, "method": result.details["unet"]["method"], "bytes": graph.size_bytes(unet),
-                     "build_seconds": round(built, 1), "seconds": latency(unet, spec, args.runs)})
+                     "build_seconds": round(built, 1), "seconds": seconds,
+                     "cosine": cosine(ref, got), "rel_l2": rel_l2(ref, got)})
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]
-    print(f"\n| variant | UNet size (MB) | size vs fp32 | UNet latency (s) | speed vs fp32 |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| variant | UNet size (MB) | size vs fp32 | UNet latency (s) | speed vs fp32 | cosine vs fp32 | rel L2 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['variant']} | {r['bytes'] / 1e6:.0f} | {r['bytes'] / base['bytes']:.2f}x | {r['seconds']:.2f} | "
-              f"{base['seconds'] / r['seconds']:.2f}x |")
+              f"{base['seconds'] / r['seconds']:.2f}x | {r['cosine']:.5f} | {r['rel_l2']:.3g} |")
     print(json.dumps(rows, indent=1))
 
 

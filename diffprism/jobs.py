@@ -24,7 +24,7 @@ Progress = Callable[[str], None]
 def export_job(source: str, out: Path, *, components: list[str] | None = None, shapes: ShapeRequest = ShapeRequest(),
                opset: int = 18, allow_pickle: bool = False, revision: str | None = None,
                progress: Progress | None = None, request: dict[str, Any] | None = None,
-               streaming: bool = False) -> ExportResult:
+               streaming: bool = False, reference_points: str = "all") -> ExportResult:
     manifest.check_output_folder(out)
     clean_staging(out)
     if progress:
@@ -33,12 +33,14 @@ def export_job(source: str, out: Path, *, components: list[str] | None = None, s
     result = export_pipeline(
         src.pipeline, out, components=components, shapes=shapes, opset=opset, source_info=src.info,
         progress=(lambda c, s: progress(f"{c}: {s}")) if progress else None, streaming=streaming,
+        reference_points=reference_points,
     )
     data = manifest.new(request or {"command": "export", "source": source})
     data["source"] = src.info
     data["stages"]["export"] = {
         "family": result.family,
         "opset": opset,
+        "reference_points": reference_points,
         "components": {
             c.name: {"seconds": round(c.seconds, 2), "bytes": c.onnx_bytes, "spec": c.spec.to_json()}
             for c in result.components

@@ -13,7 +13,7 @@ from exporters import streaming as streaming_mod
 from exporters.components import EXPORTERS, dims_for
 from exporters.families import Family, family_of, geometry_of, select_components
 from exporters.files import staged_dir
-from exporters.spec import ComponentSpec, ShapeRequest
+from exporters.spec import ComponentSpec, ShapeRequest, select_points
 from exporters.trace import trace
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,12 @@ def export_pipeline(
     source_info: dict[str, Any] | None = None,
     progress: Progress | None = None,
     streaming: bool = False,
+    reference_points: str = "all",
 ) -> ExportResult:
-    """Write <out>/onnx (HF-ONNX tree) and <out>/reference (PyTorch outputs), each atomically."""
+    """Write <out>/onnx (HF-ONNX tree) and <out>/reference (PyTorch outputs), each atomically.
+
+    reference_points: "all" validation points (exporters.spec.iter_points) or "opt" only.
+    """
     onnx_writer.check_opset(opset)
     family, specs = plan_specs(pipe, components, shapes)
     result = ExportResult(out / ONNX_DIR, family.name, specs)
@@ -118,7 +122,8 @@ def export_pipeline(
             notify(name, "export")
             wrapper, path = export_component(pipe, spec, tree_dir / name, opset, streaming=streaming)
             notify(name, "reference")
-            reference.save(reference.compute(wrapper, spec), ref_dir / f"{name}.npz")
+            points = select_points(spec, reference_points)
+            reference.save(reference.compute(wrapper, spec, points), ref_dir / f"{name}.npz")
             size = path.stat().st_size + (path.parent / onnx_writer.DATA_NAME).stat().st_size
             result.components.append(ComponentResult(name, spec, time.perf_counter() - start, size))
             log.info("exported %s in %.1fs (%d bytes)", name, result.components[-1].seconds, size)

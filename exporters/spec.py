@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from exporters.errors import ShapeError
+from exporters.errors import ShapeError, UsageError
 
 POINTS = ("min", "opt", "max")
 
@@ -278,6 +278,17 @@ class ShapeRequest:
         if not (1 <= lo <= opt <= hi):
             raise ShapeError(f"{what} range {text!r}: need 1 <= MIN <= OPT <= MAX", "order the range as MIN:OPT:MAX")
         return lo, opt, hi
+
+
+REFERENCE_POINTS = ("all", "opt")
+
+
+def select_points(spec: ComponentSpec, which: str = "all") -> list[tuple[str, dict[str, int]]]:
+    """The points PyTorch references are computed at: every validation point, or the opt point only
+    (quicker on large models: the max point of a UNet costs many times a typical call)."""
+    if which not in REFERENCE_POINTS:
+        raise UsageError(f"unknown reference points '{which}'", f"use one of {', '.join(REFERENCE_POINTS)}")
+    return list(iter_points(spec)) if which == "all" else [("opt", spec.dim_values("opt"))]
 
 
 def iter_points(spec: ComponentSpec) -> Iterable[tuple[str, dict[str, int]]]:

@@ -4,8 +4,8 @@ How it works:
 1. The component is rebuilt on the meta device (accelerate.init_empty_weights) and traced there.
 2. torch.onnx converts the program; before torch's optimizer runs, every parameter initializer
    gets a stand-in: its real value if it is small enough for the constant folder to compute with
-   it, otherwise a zero-filled array the OS never backs with memory (calloc'd pages stay unmapped
-   until written). Large tensors are only ever folded by the layout op Transpose, which numpy does
+   it, otherwise a zero-filled array the OS never backs with memory (an anonymous memory map,
+   whose pages stay unmapped until written). Large tensors are only ever folded by the layout op Transpose, which numpy does
    as a view, so each folded weight is a view of its stand-in.
 3. Each initializer of the optimized graph is then bound to the source tensor it came from (same
    name, or the stand-in its view points into, with the view's offset and strides), and written to
@@ -17,9 +17,11 @@ StreamingUnsupported; exporters.export then falls back to the plain path with th
 """
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 import logging
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,7 +221,8 @@ class _Binder:
         self.source = source
         self.names = names  # ONNX initializer name -> source key
         self.dtypes = dtypes
-        self.origins: dict[int, _Origin] = {}  # id(stand-in array) -> where its real values are
+        self.origins: dict[int, _Origin] = {}  # stand-in's start address -> where its real values are
+        self._starts: list[int] = []  # sorted keys of origins
         self.stand_in_names: set[str] = set()
         self.small = 0
         self.large = 0
@@ -241,11 +244,11 @@ class _Binder:
                 arr = self.source.read(key, dtype)
                 self.small += 1
             else:
-                arr = np.zeros(shape, dtype)  # calloc: untouched pages cost no memory
+                arr = _stand_in(shape, dtype)
                 # Two written elements keep a stand-in from looking constant to rewrite rules.
                 flat = arr.reshape(-1)
                 flat[0] = flat[-1] = 1
-                self.origins[id(arr)] = _Origin(key, dtype, arr)
+                self._add_origin(_Origin(key, dtype, arr))
                 self.stand_in_names.add(name)
                 self.large += 1
             value.const_value = ir.Tensor(arr, name=name)
@@ -256,10 +259,7 @@ class _Binder:
         for name, value in model.graph.initializers.items():
             tensor = value.const_value
             raw = getattr(tensor, "raw", None)
-            origin = None
-            if isinstance(raw, np.ndarray):
-                root = raw if raw.base is None else raw.base
-                origin = self.origins.get(id(root)) if isinstance(root, np.ndarray) else None
+            origin = self._origin_of(raw) if isinstance(raw, np.ndarray) else None
             if origin is None:
                 folded = set(value.meta.get(FOLDED_FROM_KEY, ()) or ())
                 if folded & self.stand_in_names:
@@ -270,12 +270,41 @@ class _Binder:
             if raw.dtype != origin.dtype:
                 raise StreamingUnsupported(f"initializer '{name}' reinterprets its weight's dtype",
                                            "export without --streaming")
-            offset = raw.__array_interface__["data"][0] - origin.stand_in.__array_interface__["data"][0]
+            offset = _address(raw) - _address(origin.stand_in)
             read = _ViewRead(self.source, origin.key, origin.dtype, raw.shape, raw.strides, offset)
             value.const_value = ir.LazyTensor(read, tensor.dtype, tensor.shape, name=tensor.name)
             bound += 1
         self.origins.clear()  # drop the stand-ins
+        self._starts.clear()
         return bound
+
+    def _add_origin(self, origin: _Origin) -> None:
+        start = _address(origin.stand_in)
+        self.origins[start] = origin
+        bisect.insort(self._starts, start)
+
+    def _origin_of(self, array: np.ndarray) -> _Origin | None:
+        """The stand-in whose memory `array` views (the optimizer folds large weights only through
+        views), found by address: a view's .base does not lead back to a memory-mapped array."""
+        address = _address(array)
+        i = bisect.bisect_right(self._starts, address) - 1
+        if i < 0:
+            return None
+        origin = self.origins[self._starts[i]]
+        return origin if address < self._starts[i] + origin.stand_in.nbytes else None
+
+
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
+def _stand_in(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A zero array in its own anonymous memory map: the kernel backs a page only once it is
+    written, so a stand-in costs no memory. (np.zeros may take recycled heap memory and clear it,
+    which touches every page: about 0.8 GB for an SD 1.5 UNet.)"""
+    count = int(np.prod(shape))
+    buffer = mmap.mmap(-1, max(1, count * dtype.itemsize))
+    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import argparse
 from diffprism.commands.common import add_components, add_shapes, out_dir, shapes_from
 from diffprism.jobs import export_job
 from diffprism.lock import folder_lock
+from exporters.spec import REFERENCE_POINTS
 
 
 def register(sub) -> None:
@@ -20,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--streaming", action="store_true",
                    help="trace without weights and stream them from the safetensors files into the ONNX data "
                    "(memory stays a fraction of the model's size; same bytes as the plain export)")
+    p.add_argument("--reference-points", choices=REFERENCE_POINTS, default="all",
+                   help="shape points of the PyTorch reference outputs: every validation point (min, opt, max, "
+                   "non-square, batch; default) or opt only, which is much quicker on full-size models")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled weights (.bin/.ckpt): only for sources you trust")
     p.set_defaults(func=run)
@@ -29,11 +33,11 @@ def run(args: argparse.Namespace, ui) -> int:
     shapes = shapes_from(args)
     request = {"command": "export", "source": args.source, "components": args.components, "opset": args.opset,
                "batch": args.batch, "size": args.size, "sequence": args.sequence,
-               "streaming": args.streaming}
+               "streaming": args.streaming, "reference_points": args.reference_points}
     with folder_lock(args.out), ui.progress("export") as update:
         result = export_job(args.source, args.out, components=args.components, shapes=shapes, opset=args.opset,
                             allow_pickle=args.allow_pickle, revision=args.revision, progress=update, request=request,
-                            streaming=args.streaming)
+                            streaming=args.streaming, reference_points=args.reference_points)
     rows = []
     for c in result.components:
         dims = ", ".join(f"{d.name} {d.min}..{d.max}" for d in c.spec.dims if not d.is_static)

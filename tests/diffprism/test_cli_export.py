@@ -6,6 +6,7 @@ import pytest
 
 from diffprism import manifest
 from diffprism.cli import main
+from exporters import reference
 from exporters.errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION_FAILED)
 
 
@@ -54,6 +55,17 @@ def test_export_from_folder_validate_and_inspect(saved_folder, tmp_path, capsys)
 
     code, data = run_json(capsys, "inspect", str(out))
     assert code == EXIT_OK and set(data["manifest"]["stages"]["export"]["components"]) == {"text_encoder", "vae_decoder"}
+
+
+def test_reference_points_opt_only(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _ = run_json(capsys, "export", "tiny-sd", "--out", str(out), "--components", "text_encoder",
+                       "--reference-points", "opt")
+    assert code == EXIT_OK
+    assert list(reference.load(out / "reference" / "text_encoder.npz")) == ["opt"]
+    assert manifest.load(out)["stages"]["export"]["reference_points"] == "opt"
+    code, data = run_json(capsys, "validate", str(out))
+    assert code == EXIT_OK and [c["point"] for c in data["comparisons"]] == ["opt"]
 
 
 def test_manifest_lists_every_file_with_checksums(exported):

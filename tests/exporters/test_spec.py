@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from exporters.errors import ShapeError
-from exporters.spec import Axis, ComponentSpec, Dim, ShapeRequest, TensorSpec, iter_points
+from exporters.errors import ShapeError, UsageError
+from exporters.spec import Axis, ComponentSpec, Dim, ShapeRequest, TensorSpec, iter_points, select_points
 
 
 def unet_like() -> ComponentSpec:
@@ -68,6 +68,14 @@ def test_points_cover_min_opt_max_nonsquare_and_batch():
     assert set(points) == {"min", "opt", "max", "nonsquare", "batch"}
     assert points["nonsquare"]["height"] != points["nonsquare"]["width"]
     assert points["batch"]["batch"] > 1
+
+
+def test_select_points_all_or_opt_only():
+    spec = unet_like()
+    assert select_points(spec, "all") == list(iter_points(spec))
+    assert select_points(spec, "opt") == [("opt", spec.dim_values("opt"))]
+    with pytest.raises(UsageError, match="unknown reference points"):
+        select_points(spec, "max")
 
 
 def test_restrict_stays_inside_the_spec():

@@ -96,6 +96,27 @@ def test_safetensors_source_reads_and_converts(saved_tiny_sd):
     np.testing.assert_array_equal(half, arr.astype(np.float16))
 
 
+def test_stand_ins_cost_no_memory_and_views_map_back_to_them():
+    psutil = pytest.importorskip("psutil")
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    binder = streaming._Binder(None, {}, {})
+    arrays = []
+    for i in range(32):  # 32 x 16 MiB
+        arr = streaming._stand_in((1024, 4096), np.dtype(np.float32))
+        arr.reshape(-1)[0] = arr.reshape(-1)[-1] = 1  # what prepare writes
+        binder._add_origin(streaming._Origin(f"w{i}", arr.dtype, arr))
+        arrays.append(arr)
+    grown = proc.memory_info().rss - before
+    assert grown < 0.05 * 32 * 16 * 2**20, f"stand-ins took {grown / 2**20:.0f} MiB"
+    assert not arrays[3][1:-1].any()  # zero-filled
+    # The optimizer folds a Transpose of a weight as a view; bind finds the weight by address.
+    view = arrays[5].T[1:]
+    assert binder._origin_of(view).key == "w5"
+    assert binder._origin_of(arrays[0]).key == "w0"
+    assert binder._origin_of(np.zeros((1024, 4096), np.float32)) is None
+
+
 def test_missing_weight_falls_back_to_plain_export(exported, pipeline, tmp_path, monkeypatch, caplog):
     pipe = pipeline("tiny-sd")
     _, specs = plan_specs(pipe, ["text_encoder"])
