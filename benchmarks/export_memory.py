@@ -14,6 +14,7 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,12 @@ def save(preset: str, folder: Path) -> None:
         print(f"{folder} exists")
         return
     presets.build(preset).save_pretrained(str(folder), safe_serialization=True)
+    # Older transformers (optimum's venv) read the slow tokenizer files; newer ones save tokenizer.json only.
+    assets = Path(presets.__file__).parent / "assets" / "tokenizer"
+    for sub in ("tokenizer", "tokenizer_2"):
+        if (folder / sub).is_dir():
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copy2(assets / name, folder / sub / name)
 
 
 class _StageProfile:

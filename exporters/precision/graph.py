@@ -100,20 +100,61 @@ def float_values(model: onnx.ModelProto) -> dict[str, int]:
             if v.name in produced and v.type.tensor_type.elem_type in FLOAT_TYPES}
 
 
-def probe(model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]],
-          workdir: Path, chunk: int = 256) -> Iterator[list[dict[str, np.ndarray]]]:
-    """For each chunk of `names`, the values of those intermediates on every feed (one dict per feed).
+PROBE_BUDGET = 2 << 30  # bytes of exposed intermediates held per probe run (all feeds together)
 
-    Values are exposed as graph outputs `chunk` at a time, so the memory held stays bounded
-    for large graphs. `model` is not modified.
+
+def probe(model: onnx.ModelProto, parts: Sequence[Sequence[str]], feeds: Sequence[Mapping[str, np.ndarray]],
+          workdir: Path) -> Iterator[list[dict[str, np.ndarray]]]:
+    """For each part (a list of value names, see `chunks`), the values of those intermediates on
+    every feed (one dict per feed). Values are exposed as graph outputs a part at a time, so a
+    caller that consumes the iterator lazily holds one part's values. `model` is not modified.
     """
     types = {v.name: v for v in (*model.graph.value_info, *model.graph.output)}
-    for start in range(0, len(names), chunk):
-        part = names[start:start + chunk]
-        probed = onnx.ModelProto()
-        probed.CopyFrom(model)
-        del probed.graph.output[:]
-        probed.graph.output.extend(types[n] for n in part)
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            path = save(probed, Path(tmp))
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        # The weights are written once; each part is a small graph file beside them that points
+        # into the same data file.
+        full = onnx.ModelProto()
+        full.CopyFrom(model)
+        base = onnx.load(str(save(full, Path(tmp))), load_external_data=False)
+        del full
+        for part in parts:
+            del base.graph.output[:]
+            base.graph.output.extend(types[n] for n in part)
+            path = Path(tmp) / "probe.onnx"
+            onnx.save_model(base, str(path))
             yield run(path, feeds)
+
+
+def chunks(model: onnx.ModelProto, names: Sequence[str], copies: int, chunk: int = 256,
+           budget: int = PROBE_BUDGET) -> list[list[str]]:
+    """`names` in order, split for `probe` so each part has <= chunk names and, where value_info
+    gives static shapes, <= budget bytes over `copies` feeds (a UNet's attention scores are ~1 GB
+    each at 512 px). Values of unknown size count as budget / chunk; one over the budget goes alone."""
+    infos = {v.name: v for v in (*model.graph.value_info, *model.graph.output)}
+    parts: list[list[str]] = []
+    part: list[str] = []
+    held = 0
+    for name in names:
+        size = value_bytes(infos.get(name))
+        size = budget // chunk if size is None else size * copies
+        if part and (len(part) == chunk or held + size > budget):
+            parts.append(part)
+            part, held = [], 0
+        part.append(name)
+        held += size
+    if part:
+        parts.append(part)
+    return parts
+
+
+def value_bytes(info: onnx.ValueInfoProto | None) -> int | None:
+    """Bytes of a value with a fully static shape, else None."""
+    if info is None or not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+        return None
+    count = 1
+    for dim in info.type.tensor_type.shape.dim:
+        if not dim.HasField("dim_value"):
+            return None
+        count *= dim.dim_value
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type).itemsize
+    return count * itemsize

@@ -59,6 +59,7 @@ def fp16_with_islands(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.nd
     """The fp16 graph with the fp32 islands it needs, and what was kept."""
     if not feeds:
         raise ExportError("fp32 island search needs at least one input feed", "capture calibration data or export references")
+    Path(workdir).mkdir(parents=True, exist_ok=True)
     values = graph.float_values(model)
     names = sorted(values)
     producer = {out: node.name for node in model.graph.node for out in node.output}
@@ -70,11 +71,11 @@ def fp16_with_islands(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.nd
     outputs = [o.name for o in model.graph.output]
     report = IslandReport()
     block: set[str] = set()
-    ref_cache: list | None = None
+    ref_cache: tuple | None = None  # (parts, fp32 values) when one part holds every value
     for round_no in range(1, max_rounds + 1):
         candidate = half.to_fp16(model, block=block, keep_io_types=keep_io_types)
         if round_no == 1:  # most graphs convert cleanly: compare the outputs before probing every value
-            ref_out, got_out = (next(graph.probe(m, outputs, feeds, workdir)) for m in (model, candidate))
+            ref_out, got_out = (next(graph.probe(m, [outputs], feeds, workdir)) for m in (model, candidate))
             report.first_round_rel_l2 = {o: max(rel_error(g[o], r[o]) for r, g in zip(ref_out, got_out))
                                          for o in outputs}
             if all(e <= rel_l2 for e in report.first_round_rel_l2.values()):
@@ -85,10 +86,16 @@ def fp16_with_islands(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.nd
         measured = [n for n in names if n in present]
         errors: dict[str, float] = {}
         peak: dict[str, float] = {}
-        ref_chunks = ref_cache or list(graph.probe(model, measured, feeds, workdir, chunk))
-        if len(ref_chunks) == 1:
-            ref_cache = ref_chunks  # one chunk fits: no need to recompute the fp32 side next round
-        for ref_runs, half_runs in zip(ref_chunks, graph.probe(candidate, measured, feeds, workdir, chunk)):
+        # Sized on the fp32 graph (its values are the larger); both sides are consumed part by part,
+        # so one part's values are held at a time.
+        parts = graph.chunks(model, measured, len(feeds), chunk)
+        if len(parts) == 1:  # everything fits at once: keep the fp32 side for the next rounds
+            if ref_cache is None or ref_cache[0] != parts:
+                ref_cache = (parts, list(graph.probe(model, parts, feeds, workdir)))
+            ref_parts = iter(ref_cache[1])
+        else:
+            ref_parts = graph.probe(model, parts, feeds, workdir)
+        for ref_runs, half_runs in zip(ref_parts, graph.probe(candidate, parts, feeds, workdir)):
             for ref, got in zip(ref_runs, half_runs):
                 for name, r in ref.items():
                     if name in got:

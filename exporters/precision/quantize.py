@@ -15,10 +15,12 @@ import numpy as np
 from exporters.errors import ExportError
 from exporters.files import working_dir
 from exporters.onnx_writer import ONNX_NAME
+from exporters.precision import graph
 
 log = logging.getLogger(__name__)
 
 STATIC_OPS = ("Conv", "MatMul", "Gemm")
+SYMBOLIC_SHAPE_LIMIT = 1 << 30  # weight bytes above which quant_pre_process skips its symbolic pass
 
 
 def prepare(src: Path, workdir: Path) -> Path:
@@ -30,6 +32,13 @@ def prepare(src: Path, workdir: Path) -> Path:
     out = workdir / "prepared.onnx"
     kwargs = dict(save_as_external_data=True, all_tensors_to_one_file=True, external_data_location="prepared.onnx_data")
     src = src.resolve()
+    if graph.size_bytes(src) > SYMBOLIC_SHAPE_LIMIT:
+        # The symbolic pass holds the weights several times over (an SD 1.5 UNet exhausted 24 GB);
+        # the exported graph carries full value_info, so ONNX's own inference is enough.
+        log.info("%s: %.1f GB of weights, skipping symbolic shape inference", src.name, graph.size_bytes(src) / 1e9)
+        with working_dir(workdir / "tmp"):
+            quant_pre_process(str(src / ONNX_NAME), str(out), skip_symbolic_shape=True, **kwargs)
+        return out
     try:
         with working_dir(workdir / "tmp"):
             quant_pre_process(str(src / ONNX_NAME), str(out), **kwargs)
