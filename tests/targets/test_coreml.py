@@ -135,14 +135,15 @@ def test_tiny_sd2_every_component_converts(built):
         assert result.details[name]["program_rel_l2"] < 1e-4, name
 
 
-def test_tiny_sdxl_vae_decoder(built):
-    # SDXL's VAE decoder is the one that overflows in fp16 on other runtimes; the package must still
+def test_tiny_sdxl_vae(built):
+    # SDXL's VAE decoder is the one that overflows in fp16 on other runtimes; the packages must still
     # convert with flexible shapes and reproduce the reference in the program handed to coremltools.
-    out, result, specs = built("tiny-sdxl", ("vae_decoder",))
-    facts = inspect_package(out / "coreml-fp16" / "vae_decoder.mlpackage", specs["vae_decoder"],
-                            precision="fp16", compress="none")
-    assert facts["ok"], facts["problems"]
-    assert result.details["vae_decoder"]["program_rel_l2"] < 1e-4
+    out, result, specs = built("tiny-sdxl", ("vae_encoder", "vae_decoder"))
+    for name, spec in specs.items():
+        facts = inspect_package(out / "coreml-fp16" / f"{name}.mlpackage", spec, precision="fp16", compress="none")
+        assert facts["ok"], (name, facts["problems"])
+        assert facts["shapes"] == "range"
+        assert result.details[name]["program_rel_l2"] < 1e-4, name
 
 
 # -- precision and compression --------------------------------------------------------------
