@@ -33,8 +33,9 @@ def to_fp16(model: onnx.ModelProto, *, block: Iterable[str] = (), keep_io_types:
     # on graphs over 2 GB, so the converter works from what the graph declares.
     converted = convert_float_to_float16(copy, keep_io_types=keep_io_types, node_block_list=sorted(block),
                                          disable_shape_infer=True)
-    if block:
-        _join_islands(converted.graph)
+    # The converter keeps some op types fp32 by default (Resize, Range, ...), so Casts around fp32
+    # nodes appear even with an empty block list: repair them always.
+    _join_islands(converted.graph)
     return converted
 
 

@@ -117,6 +117,26 @@ def test_probe_parts_respect_count_and_byte_budget():
     assert graph.chunks(model, names[:1], copies=1, chunk=4, budget=10) == [["v0"]]  # too big for any part: alone
 
 
+def test_fp16_value_read_by_two_default_fp32_ops_stays_single_assignment(tmp_path):
+    # The converter keeps Min/Max/Range/... in fp32 and casts a shared fp16 value once per reader,
+    # all under one name; seen on the full-size SD 1.5 UNet, not on the tiny presets.
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["v"]),
+             helper.make_node("Max", ["v", "lo"], ["a"]), helper.make_node("Min", ["v", "hi"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    inits = [numpy_helper.from_array(np.full(8, 0.25, np.float32), "lo"),
+             numpy_helper.from_array(np.full(8, 0.75, np.float32), "hi")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [8]) for n in ("x", "y")]
+    infos = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [8]) for n in ("v", "a", "b")]
+    model = helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], inits, value_info=infos),
+                              opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    path = graph.save(half.to_fp16(model), tmp_path / "half")  # onnx.checker: single assignment
+    x = np.linspace(-1, 1, 8, dtype=np.float32)
+    want = np.maximum(np.maximum(x, 0), 0.25) + np.minimum(np.maximum(x, 0), 0.75)
+    assert np.allclose(graph.run(path, [{"x": x}])[0]["y"], want, atol=1e-3)
+
+
 def test_clean_graph_needs_no_island(exported, tmp_path):
     model = graph.load(exported("tiny-sd") / "onnx" / "vae_decoder")
     feeds, _ = _cases(exported, "vae_decoder")
