@@ -5,6 +5,7 @@ and diffusers' own pipelines find what they expect.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,7 @@ def _f32(name: str, *axes: int | Axis) -> TensorSpec:
     return TensorSpec(name, "float32", tuple(axes))
 
 
-class ComponentExporter:
+class ComponentExporter(ABC):
     """Base: subclasses name the component, the pipeline attribute it reads, and its I/O."""
 
     name: str
@@ -88,11 +89,13 @@ class ComponentExporter:
             )
         return module
 
+    @abstractmethod
     def spec(self, pipe: Any, geometry: Geometry, dims: dict[str, Dim]) -> ComponentSpec:
-        raise NotImplementedError
+        """The component's inputs and outputs with their dims."""
 
+    @abstractmethod
     def wrap(self, module: nn.Module, spec: ComponentSpec) -> nn.Module:
-        raise NotImplementedError
+        """A module whose forward takes the spec's inputs positionally and returns its outputs."""
 
     def config(self, module: nn.Module) -> dict[str, Any]:
         cfg = module.config
