@@ -12,25 +12,9 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import psutil
-
-
-def peak_rss_of(cmd: list[str]) -> tuple[int, float, int]:
-    """(exit code, wall seconds, peak RSS bytes) of a command and its descendants."""
-    start = time.perf_counter()
-    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            procs = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    return proc.returncode, time.perf_counter() - start, peak
+from tree_rss import run_sampled
 
 
 def main() -> int:
@@ -43,7 +27,7 @@ def main() -> int:
         out = Path(tmp) / "out"
         cmd = [sys.executable, "-m", "diffprism.cli", "--json", "export", args.preset, "--out", str(out),
                "--components", args.component, *args.extra]
-        code, seconds, peak = peak_rss_of(cmd)
+        code, seconds, peak = run_sampled(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         data = json.loads((out / "manifest.json").read_text()) if code == 0 else {}
         size = data.get("stages", {}).get("export", {}).get("components", {}).get(args.component, {}).get("bytes", 0)
     print(json.dumps({"preset": args.preset, "component": args.component, "exit_code": code,

@@ -20,6 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from feeds import captured_feed  # noqa: E402
+
 
 def matmul_peak(n: int = 4096, repeat: int = 5) -> None:
     import openvino as ov
@@ -43,10 +45,7 @@ def matmul_peak(n: int = 4096, repeat: int = 5) -> None:
 def profile(xml: Path, feed_dir: Path, component: str, hint: str, batch: int | None) -> None:
     import openvino as ov
 
-    from exporters.calibration import load_feeds
-
-    feeds = load_feeds(feed_dir, component)
-    feed = feeds[min(1, len(feeds) - 1)]
+    feed = captured_feed(feed_dir, component)
     if batch:
         feed = {k: v[:batch] for k, v in feed.items()}
     core = ov.Core()

@@ -18,13 +18,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
+
+from feeds import captured_feed
+from tree_rss import run_sampled
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -43,19 +45,10 @@ VARIANTS = {
 
 def run(cmd: list[str]) -> tuple[float, int]:
     """Run a command; (wall seconds, peak RSS bytes of it and its children). Raises on failure."""
-    start = time.perf_counter()
-    proc = psutil.Popen(cmd, cwd=ROOT)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            procs = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    return time.perf_counter() - start, peak
+    code, seconds, peak = run_sampled(cmd, cwd=ROOT)
+    if code:
+        raise SystemExit(f"failed ({code}): {' '.join(cmd)}")
+    return seconds, peak
 
 
 def cli(*args: str) -> list[str]:
@@ -95,16 +88,9 @@ def child_build_full(work: Path) -> None:
     target.build(plan, work)
 
 
-def bench_feed(work: Path) -> dict[str, np.ndarray]:
-    from exporters.calibration import load_feeds
-
-    feeds = load_feeds(work / "calibration", "unet")
-    return feeds[min(1, len(feeds) - 1)]  # a mid-denoising input, not pure noise
-
-
 def child_measure(work: Path, variant: str, runs: int) -> None:
     """Load, warm up, time `runs` inferences; save the output and the timings."""
-    feed = bench_feed(work)
+    feed = captured_feed(work / "calibration")
     if variant == "torch-fp32":
         import torch
 

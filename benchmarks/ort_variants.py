@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from feeds import captured_feed  # noqa: E402
 from diffprism.jobs import calibrate_job, compile_job, export_job  # noqa: E402
 from exporters.errors import SourceError  # noqa: E402
 from exporters.export import ONNX_DIR  # noqa: E402
-from exporters.calibration import load_feeds  # noqa: E402
 from exporters.inputs import make_feed  # noqa: E402
 from exporters.precision import graph  # noqa: E402
 from exporters.spec import ShapeRequest  # noqa: E402
@@ -50,8 +50,7 @@ def latency(model_dir: Path, spec, feed, runs: int) -> tuple[float, np.ndarray]:
 def unet_feed(out: Path, spec) -> dict:
     """A real denoising input (a captured UNet call), else a random feed at the spec's opt point."""
     try:
-        feeds = load_feeds(out / "calibration", "unet")
-        return feeds[min(1, len(feeds) - 1)]
+        return captured_feed(out / "calibration")
     except SourceError:  # no capture: random inputs still time the graph
         return make_feed(spec, "opt", seed=0)
 

@@ -20,29 +20,18 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
-import psutil
+from tree_rss import run_sampled
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(cmd: list[str], log: Path) -> dict:
-    start = time.perf_counter()
     with open(log, "w") as out:
-        proc = psutil.Popen(cmd, cwd=ROOT, stdout=out, stderr=out)
-        peak = 0
-        while proc.poll() is None:
-            try:
-                procs = [proc, *proc.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}), see {log}: {' '.join(cmd)}")
+        code, seconds, peak = run_sampled(cmd, cwd=ROOT, stdout=out, stderr=out)
+    if code:
+        raise SystemExit(f"failed ({code}), see {log}: {' '.join(cmd)}")
     return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak / 1e9, 2), "command": " ".join(cmd)}
 
 
