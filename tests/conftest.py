@@ -55,3 +55,24 @@ def copy_export(exported, tmp_path):
         return dst
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def openvino_tiny_sd(exported, tmp_path_factory):
+    """A copy of the tiny-sd export with OpenVINO fp32 and weight-only int8 built (int8 needs no
+    calibration that way), once per session. Tests may add generated images; trees stay read-only."""
+    from diffprism.jobs import compile_job
+    from exporters.errors import UsageError
+    from targets.base import get_target
+
+    try:
+        target = get_target("openvino")
+    except UsageError as exc:
+        pytest.skip(f"the openvino target is not in this build: {exc}")
+    if not target.availability().ok:
+        pytest.skip(f"OpenVINO cannot run here: {target.availability().reason}")
+    out = tmp_path_factory.mktemp("openvino") / "tiny-sd"
+    shutil.copytree(exported("tiny-sd"), out)
+    compile_job(out, target="openvino", precision="fp32")
+    compile_job(out, target="openvino", precision="int8", options={"quantize_activations": []})
+    return out

@@ -11,6 +11,7 @@ from exporters.export import ONNX_DIR
 from runtimes.onnxruntime_runner import OnnxRuntimeRunner
 from runtimes.pipeline import Request, close, generate, initial_latents, load_pipeline, runners
 from runtimes.torch_runner import TorchRunner
+from targets.base import get_target
 from validation.metrics import rel_l2
 
 # Small and short: the tiny presets' smallest latent (16) and two guided steps.
@@ -65,8 +66,8 @@ def test_torch_shims_add_nothing(exported, pipeline, reference):
     np.testing.assert_array_equal(gen.latents, reference("tiny-sd").latents)
 
 
-def test_openvino_pipeline_matches_pytorch(ov_build, reference):
-    out, target = ov_build
+def test_openvino_pipeline_matches_pytorch(openvino_tiny_sd, reference):
+    out, target = openvino_tiny_sd, get_target("openvino")
     tree = out / ONNX_DIR
     artifacts = target.output_dir(out, target.config(precision="fp32"))
     pipe = load_pipeline(tree, lambda name, spec: target.runner(artifacts, spec))
@@ -80,9 +81,9 @@ def test_openvino_pipeline_matches_pytorch(ov_build, reference):
     assert np.abs(gen.image - ref.image).max() < 1e-2
 
 
-def test_mixed_runtimes_per_component(ov_build, exported, reference):
+def test_mixed_runtimes_per_component(openvino_tiny_sd, reference):
     """UNet on OpenVINO, text encoder and VAE on ONNX Runtime."""
-    out, target = ov_build
+    out, target = openvino_tiny_sd, get_target("openvino")
     tree = out / ONNX_DIR
     artifacts = target.output_dir(out, target.config(precision="fp32"))
     ort = ort_factory(tree)
@@ -92,26 +93,6 @@ def test_mixed_runtimes_per_component(ov_build, exported, reference):
         "text_encoder": "onnxruntime", "unet": "openvino", "vae_decoder": "onnxruntime"}
     close(pipe)
     assert rel_l2(reference("tiny-sd").latents, gen.latents) < 1e-3
-
-
-@pytest.fixture(scope="module")
-def ov_build(exported, tmp_path_factory):
-    import shutil
-
-    from targets.base import get_target
-
-    try:
-        target = get_target("openvino")
-    except UsageError as exc:
-        pytest.skip(f"the openvino target is not in this build: {exc}")
-    if not target.availability().ok:
-        pytest.skip(f"OpenVINO cannot run here: {target.availability().reason}")
-    from diffprism.jobs import compile_job
-
-    out = tmp_path_factory.mktemp("ov") / "tiny-sd"
-    shutil.copytree(exported("tiny-sd"), out)
-    compile_job(out, target="openvino", precision="fp32")
-    return out, target
 
 
 def test_initial_latents_are_seeded_and_checked(pipeline):

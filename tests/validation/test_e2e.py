@@ -105,30 +105,8 @@ def test_sdxl_images_match_on_onnxruntime(copy_export):
     assert set(result.runner) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}
 
 
-@pytest.fixture(scope="module")
-def ov_export(exported, tmp_path_factory):
-    """tiny-sd with OpenVINO fp32 and weight-only int8 built (int8 needs no calibration that way)."""
-    import shutil
-
-    from targets.base import get_target
-
-    try:
-        target = get_target("openvino")
-    except UsageError as exc:
-        pytest.skip(f"the openvino target is not in this build: {exc}")
-    if not target.availability().ok:
-        pytest.skip(f"OpenVINO cannot run here: {target.availability().reason}")
-    from diffprism.jobs import compile_job
-
-    out = tmp_path_factory.mktemp("e2e-ov") / "tiny-sd"
-    shutil.copytree(exported("tiny-sd"), out)
-    compile_job(out, target="openvino", precision="fp32")
-    compile_job(out, target="openvino", precision="int8", options={"quantize_activations": []})
-    return out
-
-
-def test_openvino_variants_and_a_mix_match_pytorch(ov_export):
-    out = ov_export
+def test_openvino_variants_and_a_mix_match_pytorch(openvino_tiny_sd):
+    out = openvino_tiny_sd
     requests = requests_for(["a red cube on a blue table"], size=(32, 32), steps=2)
     variants = [resolve(out, Placement("openvino", "fp32"), {}), resolve(out, Placement("openvino", "int8"), {}),
                 resolve(out, Placement("onnxruntime"), {"unet": Placement("openvino", "int8")})]
@@ -141,11 +119,11 @@ def test_openvino_variants_and_a_mix_match_pytorch(ov_export):
     assert int8.checks[0].metrics["latent_rel_l2"] > fp32.checks[0].metrics["latent_rel_l2"]  # int8 really differs
 
 
-def test_generate_cli_writes_a_png_on_any_target(ov_export, tmp_path, capsys):
+def test_generate_cli_writes_a_png_on_any_target(openvino_tiny_sd, tmp_path, capsys):
     from PIL import Image
 
     png = tmp_path / "cube.png"
-    argv = ["--json", "generate", str(ov_export), "--target", "openvino", "--prompt", "a red cube", "--steps", "2",
+    argv = ["--json", "generate", str(openvino_tiny_sd), "--target", "openvino", "--prompt", "a red cube", "--steps", "2",
             "--size", "32x64", "--seed", "5", "--negative-prompt", "blurry", "--guidance-scale", "4",
             "--component-target", "vae_decoder=onnxruntime", "--out", str(png)]
     assert main(argv) == EXIT_OK
@@ -154,10 +132,10 @@ def test_generate_cli_writes_a_png_on_any_target(ov_export, tmp_path, capsys):
                                  "vae_decoder": "onnxruntime-fp32"}
     with Image.open(png) as image:
         assert image.size == (64, 32) and image.mode == "RGB"
-    assert (ov_export / doc["report_image"]).is_file()
+    assert (openvino_tiny_sd / doc["report_image"]).is_file()
     # torch runs the recorded source pipeline; same seed and latents give (nearly) the same picture
     ref_png = tmp_path / "torch.png"
-    assert main(["generate", str(ov_export), "--target", "torch", "--prompt", "a red cube", "--steps", "2",
+    assert main(["generate", str(openvino_tiny_sd), "--target", "torch", "--prompt", "a red cube", "--steps", "2",
                  "--size", "32x64", "--seed", "5", "--negative-prompt", "blurry", "--guidance-scale", "4",
                  "--out", str(ref_png)]) == EXIT_OK
     a = np.asarray(Image.open(png), dtype=np.int16)
