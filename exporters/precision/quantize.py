@@ -32,22 +32,25 @@ def prepare(src: Path, workdir: Path) -> Path:
     out = workdir / "prepared.onnx"
     kwargs = dict(save_as_external_data=True, all_tensors_to_one_file=True, external_data_location="prepared.onnx_data")
     src = src.resolve()
-    if graph.size_bytes(src) > SYMBOLIC_SHAPE_LIMIT:
+
+    def run(skip_symbolic_shape: bool) -> None:
+        with working_dir(workdir / "tmp"):
+            quant_pre_process(str(src / ONNX_NAME), str(out), skip_symbolic_shape=skip_symbolic_shape, **kwargs)
+
+    weights = graph.size_bytes(src)
+    if weights > SYMBOLIC_SHAPE_LIMIT:
         # The symbolic pass holds the weights several times over (an SD 1.5 UNet exhausted 24 GB);
         # the exported graph carries full value_info, so ONNX's own inference is enough.
-        log.info("%s: %.1f GB of weights, skipping symbolic shape inference", src.name, graph.size_bytes(src) / 1e9)
-        with working_dir(workdir / "tmp"):
-            quant_pre_process(str(src / ONNX_NAME), str(out), skip_symbolic_shape=True, **kwargs)
+        log.info("%s: %.1f GB of weights, skipping symbolic shape inference", src.name, weights / 1e9)
+        run(skip_symbolic_shape=True)
         return out
     try:
-        with working_dir(workdir / "tmp"):
-            quant_pre_process(str(src / ONNX_NAME), str(out), **kwargs)
+        run(skip_symbolic_shape=False)
     except Exception as exc:  # the symbolic pass does not know every op; ONNX's inference is enough
         log.info("symbolic shape inference failed (%s); using ONNX shape inference only", type(exc).__name__)
         for stale in workdir.glob("prepared.onnx*"):
             stale.unlink()
-        with working_dir(workdir / "tmp"):
-            quant_pre_process(str(src / ONNX_NAME), str(out), skip_symbolic_shape=True, **kwargs)
+        run(skip_symbolic_shape=True)
     return out
 
 
