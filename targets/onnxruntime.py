@@ -196,15 +196,13 @@ def build_component(src: Path, dst: Path, spec: ComponentSpec, method: str, conf
     if method == "fp32":
         graph.save(graph.load(src), dst)
     elif method == "fp16":
-        model = graph.load(src)
         if config.islands:
             feeds, details["island_inputs"] = feeds_for(out, spec, "capture-or-reference", config.island_samples)
-            fp16, report = islands.fp16_with_islands(model, feeds, work, rel_l2=config.island_rel_l2,
-                                                     keep_io_types=config.keep_io_types)
+            report = islands.fp16_with_islands(src, dst, feeds, work, rel_l2=config.island_rel_l2,
+                                               keep_io_types=config.keep_io_types)
             details["islands"] = report.to_json()
         else:
-            fp16 = half.to_fp16(model, keep_io_types=config.keep_io_types)
-        graph.save(fp16, dst)
+            graph.save(half.to_fp16(graph.load(src), keep_io_types=config.keep_io_types, in_place=True), dst)
     elif method == "bf16":
         graph.save(half.to_bf16_weights(graph.load(src)), dst)
     elif method == "int8":

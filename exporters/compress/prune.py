@@ -139,21 +139,49 @@ def _prune_geglu_ff(ff: nn.Module, ratio: float) -> bool:
     return True
 
 
+def _prune_heads(attn: nn.Module, ratio: float) -> bool:
+    """Whole heads of an attention block: their rows of to_q/to_k/to_v and columns of to_out[0].
+
+    Softmax runs per head, so the remaining heads compute exactly what they did; diffusers'
+    processors derive the head size from `heads` and the projection width.
+    """
+    q, k, v, out = attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]
+    heads = attn.heads
+    width = q.out_features
+    if (k.out_features != width or v.out_features != width or width % heads or heads < 2
+            or getattr(attn, "norm_q", None) is not None or getattr(attn, "add_k_proj", None) is not None):
+        return False  # grouped kv, per-head norms or extra projections: left alone
+    head_dim = width // heads
+    scores = sum(layer.weight.detach().abs().sum(1) for layer in (q, k, v)) + out.weight.detach().abs().sum(0)
+    idx = _keep(scores, ratio, head_dim)
+    if len(idx) == width:
+        return False
+    for layer in (q, k, v):
+        _slice_out(layer, idx)
+    _slice_in(out, idx)
+    attn.heads = attn.sliceable_head_dim = len(idx) // head_dim
+    attn.inner_dim = attn.inner_kv_dim = len(idx)
+    return True
+
+
 def prune_structured(module: nn.Module, ratio: float) -> dict[str, int]:
-    """Remove `ratio` of the inner channels of ResNet blocks and transformer feed-forwards.
+    """Remove `ratio` of the inner channels of ResNet blocks and transformer feed-forwards, and
+    `ratio` of the heads of every attention block.
 
     Only channels that no other layer reads are removed (inside a block), so block
-    interfaces, skip connections and attention head dims are untouched.
+    interfaces and skip connections are untouched and the model keeps its inputs and outputs.
     """
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"sparsity {ratio} is outside [0, 1)", "pass a fraction such as sparsity=0.5")
-    counts = {"resnet_blocks": 0, "feed_forwards": 0}
+    counts = {"resnet_blocks": 0, "feed_forwards": 0, "attention_blocks": 0}
     for _, m in list(module.named_modules()):
         kind = type(m).__name__
         if kind == "ResnetBlock2D" and isinstance(getattr(m, "norm2", None), nn.GroupNorm):
             counts["resnet_blocks"] += _prune_resnet(m, ratio)
         elif kind == "FeedForward" and type(m.net[0]).__name__ == "GEGLU":
             counts["feed_forwards"] += _prune_geglu_ff(m, ratio)
+        elif kind == "Attention" and hasattr(m, "to_q") and isinstance(getattr(m, "to_out", None), nn.ModuleList):
+            counts["attention_blocks"] += _prune_heads(m, ratio)
     if not any(counts.values()):
         raise UsageError(f"structured pruning found nothing to prune in {type(module).__name__}",
                          "use structured=false (unstructured pruning works on any Conv/Linear model)")

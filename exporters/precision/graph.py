@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -103,26 +105,39 @@ def float_values(model: onnx.ModelProto) -> dict[str, int]:
 PROBE_BUDGET = 2 << 30  # bytes of exposed intermediates held per probe run (all feeds together)
 
 
-def probe(model: onnx.ModelProto, parts: Sequence[Sequence[str]], feeds: Sequence[Mapping[str, np.ndarray]],
+def probe(directory: Path, parts: Sequence[Sequence[str]], feeds: Sequence[Mapping[str, np.ndarray]],
           workdir: Path) -> Iterator[list[dict[str, np.ndarray]]]:
     """For each part (a list of value names, see `chunks`), the values of those intermediates on
-    every feed (one dict per feed). Values are exposed as graph outputs a part at a time, so a
-    caller that consumes the iterator lazily holds one part's values. `model` is not modified.
+    every feed (one dict per feed), from the graph saved in `directory`. Values are exposed as
+    graph outputs a part at a time, so a caller that consumes the iterator lazily holds one part's
+    values. The weights stay on disk: each part is a small graph file beside a link to the
+    directory's data file, and ONNX Runtime maps them from there. `directory` is not modified.
     """
-    types = {v.name: v for v in (*model.graph.value_info, *model.graph.output)}
+    directory = Path(directory)
+    base = onnx.load(str(directory / ONNX_NAME), load_external_data=False)
+    types = {v.name: v for v in (*base.graph.value_info, *base.graph.output)}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        # The weights are written once; each part is a small graph file beside them that points
-        # into the same data file.
-        full = onnx.ModelProto()
-        full.CopyFrom(model)
-        base = onnx.load(str(save(full, Path(tmp))), load_external_data=False)
-        del full
+        for location in _data_files(base):
+            _link(directory / location, Path(tmp) / location)
         for part in parts:
             del base.graph.output[:]
             base.graph.output.extend(types[n] for n in part)
             path = Path(tmp) / "probe.onnx"
             onnx.save_model(base, str(path))
             yield run(path, feeds)
+
+
+def _data_files(model: onnx.ModelProto) -> set[str]:
+    """The external data files the graph's initializers point to (relative to its folder)."""
+    return {entry.value for init in model.graph.initializer for entry in init.external_data if entry.key == "location"}
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A hard link (no copy on one filesystem), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def chunks(model: onnx.ModelProto, names: Sequence[str], copies: int, chunk: int = 256,

@@ -20,18 +20,22 @@ log = logging.getLogger(__name__)
 MIN_BF16_ELEMENTS = 16  # shape constants and scalars stay fp32
 
 
-def to_fp16(model: onnx.ModelProto, *, block: Iterable[str] = (), keep_io_types: bool = True) -> onnx.ModelProto:
-    """An fp16 copy of `model`; nodes named in `block` keep fp32 compute, with Casts around them."""
+def to_fp16(model: onnx.ModelProto, *, block: Iterable[str] = (), keep_io_types: bool = True,
+            in_place: bool = False) -> onnx.ModelProto:
+    """An fp16 copy of `model` (or `model` itself, converted, with in_place: no second copy of the
+    weights); nodes named in `block` keep fp32 compute, with Casts around them."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     block = set(block)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    target = model
+    if not in_place:
+        target = onnx.ModelProto()
+        target.CopyFrom(model)
     if block:
-        _split_shared_weights(copy.graph, block)
+        _split_shared_weights(target.graph, block)
     # The exporter's value_info already types every value; onnx shape inference would fail
     # on graphs over 2 GB, so the converter works from what the graph declares.
-    converted = convert_float_to_float16(copy, keep_io_types=keep_io_types, node_block_list=sorted(block),
+    converted = convert_float_to_float16(target, keep_io_types=keep_io_types, node_block_list=sorted(block),
                                          disable_shape_infer=True)
     # The converter keeps some op types fp32 by default (Resize, Range, ...), so Casts around fp32
     # nodes appear even with an empty block list: repair them always.

@@ -11,6 +11,8 @@ and within `rel_l2`; nothing is hand-listed per model.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ import numpy as np
 import onnx
 
 from exporters.errors import ExportError
+from exporters.onnx_writer import ONNX_NAME
 from exporters.precision import graph, half
 
 log = logging.getLogger(__name__)
@@ -53,13 +56,19 @@ def rel_error(candidate: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(c - r) / max(np.linalg.norm(r), floor))
 
 
-def fp16_with_islands(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], workdir: Path, *,
+def fp16_with_islands(src: Path, dst: Path, feeds: Sequence[Mapping[str, np.ndarray]], workdir: Path, *,
                       rel_l2: float = 1e-2, keep_io_types: bool = True, max_rounds: int = 8,
-                      chunk: int = 256) -> tuple[onnx.ModelProto, IslandReport]:
-    """The fp16 graph with the fp32 islands it needs, and what was kept."""
+                      chunk: int = 256) -> IslandReport:
+    """Write dst/{model.onnx, model.onnx_data}: the fp16 graph of src/ with the fp32 islands it needs.
+
+    Works from files so a full-size model is never held twice: each round loads the weights
+    only to convert them and saves the candidate, and ONNX Runtime reads both graphs from disk.
+    """
     if not feeds:
         raise ExportError("fp32 island search needs at least one input feed", "capture calibration data or export references")
-    Path(workdir).mkdir(parents=True, exist_ok=True)
+    src, dst, workdir = Path(src), Path(dst), Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(src / ONNX_NAME), load_external_data=False)  # the structure; weights stay on disk
     values = graph.float_values(model)
     names = sorted(values)
     producer = {out: node.name for node in model.graph.node for out in node.output}
@@ -72,17 +81,24 @@ def fp16_with_islands(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.nd
     report = IslandReport()
     block: set[str] = set()
     ref_cache: tuple | None = None  # (parts, fp32 values) when one part holds every value
+    candidate = None
     for round_no in range(1, max_rounds + 1):
-        candidate = half.to_fp16(model, block=block, keep_io_types=keep_io_types)
+        if candidate is not None:
+            shutil.rmtree(candidate)
+        candidate = _convert(src, workdir / f"round{round_no}", block, keep_io_types)
         if round_no == 1:  # most graphs convert cleanly: compare the outputs before probing every value
-            ref_out, got_out = (next(graph.probe(m, [outputs], feeds, workdir)) for m in (model, candidate))
+            ref_out, got_out = (graph.run(d / ONNX_NAME, feeds) for d in (src, candidate))
             report.first_round_rel_l2 = {o: max(rel_error(g[o], r[o]) for r, g in zip(ref_out, got_out))
                                          for o in outputs}
+            del ref_out, got_out
             if all(e <= rel_l2 for e in report.first_round_rel_l2.values()):
                 report.rounds, report.clean = 1, True
                 report.output_rel_l2 = dict(report.first_round_rel_l2)
-                return candidate, report
-        present = set(graph.float_values(candidate)) | {o.name for o in candidate.graph.output}
+                _move(candidate, dst)
+                return report
+        converted = onnx.load(str(candidate / ONNX_NAME), load_external_data=False)
+        present = set(graph.float_values(converted)) | {o.name for o in converted.graph.output}
+        del converted
         measured = [n for n in names if n in present]
         errors: dict[str, float] = {}
         peak: dict[str, float] = {}
@@ -91,10 +107,10 @@ def fp16_with_islands(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.nd
         parts = graph.chunks(model, measured, len(feeds), chunk)
         if len(parts) == 1:  # everything fits at once: keep the fp32 side for the next rounds
             if ref_cache is None or ref_cache[0] != parts:
-                ref_cache = (parts, list(graph.probe(model, parts, feeds, workdir)))
+                ref_cache = (parts, list(graph.probe(src, parts, feeds, workdir)))
             ref_parts = iter(ref_cache[1])
         else:
-            ref_parts = graph.probe(model, parts, feeds, workdir)
+            ref_parts = graph.probe(src, parts, feeds, workdir)
         for ref_runs, half_runs in zip(ref_parts, graph.probe(candidate, parts, feeds, workdir)):
             for ref, got in zip(ref_runs, half_runs):
                 for name, r in ref.items():
@@ -127,8 +143,10 @@ def fp16_with_islands(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.nd
         log.info("fp16 islands round %d: %d node(s) kept in fp32 (+%d), outputs %s", round_no, len(block) + len(new),
                  len(new), report.output_rel_l2)
         block |= new
-    else:
-        candidate = half.to_fp16(model, block=block, keep_io_types=keep_io_types)
+    else:  # out of rounds: the last block list has not been converted yet
+        shutil.rmtree(candidate)
+        candidate = _convert(src, workdir / "final", block, keep_io_types)
+    _move(candidate, dst)
     report.kept_fp32 = sorted(block)
     if not report.clean:
         worst = max(report.output_rel_l2.values())
@@ -136,4 +154,16 @@ def fp16_with_islands(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.nd
             raise ExportError(f"fp16 graph still produces Inf/NaN after keeping {len(block)} node(s) in fp32",
                               "use precision fp32 for this component (policy option)")
         log.warning("fp16 islands: outputs still off by rel_l2 %.3g after %d rounds", worst, report.rounds)
-    return candidate, report
+    return report
+
+
+def _convert(src: Path, dst: Path, block: set[str], keep_io_types: bool) -> Path:
+    """dst/: src converted to fp16 with `block` kept in fp32 (the only place the weights are loaded)."""
+    return graph.save(half.to_fp16(graph.load(src), block=block, keep_io_types=keep_io_types, in_place=True), dst).parent
+
+
+def _move(candidate: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in candidate.glob("model.onnx*"):
+        os.replace(path, dst / path.name)
+    shutil.rmtree(candidate)

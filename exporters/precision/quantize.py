@@ -2,11 +2,14 @@
 
 ONNX Runtime recommends pre-processing (optimization + shape inference) before quantizing;
 `prepare` does that, and falls back to ONNX shape inference alone when the symbolic pass
-cannot follow a graph.
+cannot follow a graph. Static int8 runs in two steps that never hold the model together:
+`calibrate` (ONNX Runtime's MinMax calibrator, writing its calibration cache) and then
+`quantize_static` reading that cache.
 """
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -70,6 +73,44 @@ class FeedReader:
         self._it = None
 
 
+def calibrate(prepared: Path, feeds: Sequence[Mapping[str, np.ndarray]], ranges: Path,
+              op_types: Sequence[str] = STATIC_OPS) -> Path:
+    """Min/max of every tensor the quantizer reads, written as ONNX Runtime's calibration cache.
+
+    ONNX Runtime's calibrator exposes a ReduceMin/ReduceMax of each such tensor as a graph
+    output. In the session's default (depth-first) execution order those reductions run after
+    the main chain, so every calibrated activation stays alive until the end of the call: an
+    SD 1.5 UNet at 512 px passed 20 GB. The priority-based order runs each reduction as soon
+    as its input exists, and the same call peaks at 6 GB.
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, MinMaxCalibrater, save_tensors_data
+
+    if not feeds:
+        raise ExportError("static int8 needs calibration feeds", "run 'diffprism calibrate DIR' first")
+
+    class Calibrator(MinMaxCalibrater):
+        def create_inference_session(self):
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ONNX Runtime's own
+            opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+            self.infer_session = ort.InferenceSession(self.augmented_model_path, opts, providers=self.execution_providers)
+
+    class Reader(FeedReader, CalibrationDataReader):
+        pass
+
+    ranges = ranges.resolve()
+    with tempfile.TemporaryDirectory(dir=ranges.parent) as tmp:
+        calibrator = Calibrator(prepared.resolve(), list(op_types), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                use_external_data_format=True)
+        calibrator.augment_graph()
+        calibrator.create_inference_session()
+        calibrator.collect_data(Reader(feeds))
+        save_tensors_data(calibrator.compute_data(), ranges)
+        del calibrator
+    return ranges
+
+
 def static_int8(prepared: Path, out: Path, feeds: Sequence[Mapping[str, np.ndarray]], *, per_channel: bool = True,
                 exclude: Sequence[str] = (), op_types: Sequence[str] = STATIC_OPS) -> Path:
     """QDQ int8 of the compute-heavy ops: uint8 activations calibrated (min/max) on `feeds`, int8 weights.
@@ -77,21 +118,19 @@ def static_int8(prepared: Path, out: Path, feeds: Sequence[Mapping[str, np.ndarr
     Only `op_types` are quantized: elementwise and shape ops gain nothing from int8 on CPU
     and cost accuracy.
     """
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not feeds:
         raise ExportError("static int8 needs calibration feeds", "run 'diffprism calibrate DIR' first")
-
-    class Reader(FeedReader, CalibrationDataReader):
-        pass
-
     prepared, out = prepared.resolve(), out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     with working_dir(out.parent / "tmp"):
-        quantize_static(str(prepared.resolve()), str(out.resolve()), Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+        ranges = calibrate(prepared, feeds, out.parent / "tmp" / "ranges.json", op_types)
+        quantize_static(str(prepared), str(out), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(op_types),
-                        nodes_to_exclude=list(exclude) or None, use_external_data_format=True)
+                        nodes_to_exclude=list(exclude) or None, use_external_data_format=True,
+                        calibration_cache_path=str(ranges))
     return out
 
 

@@ -106,6 +106,7 @@ def test_structured_model_is_smaller_and_runs(built, pipeline):
     facts = _unet(out, "onnx-pruned-structured")
     assert facts["parameters_after"] < 0.9 * facts["parameters_before"]
     assert facts["structured"]["resnet_blocks"] > 0 and facts["structured"]["feed_forwards"] > 0
+    assert facts["structured"]["attention_blocks"] > 0
     tree = out / "onnx-pruned-structured" / "unet"
     assert (tree / "model.onnx_data").stat().st_size < (out / "onnx" / "unet" / "model.onnx_data").stat().st_size
     session = ort.InferenceSession(str(tree / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -168,3 +169,30 @@ def test_unstructured_layer_scope_and_permanence():
     assert not hasattr(layers[0], "weight_orig") and isinstance(layers[0].weight, torch.nn.Parameter)
     with pytest.raises(UsageError, match="sparsity"):
         prune.prune_unstructured(layers, 1.5)
+
+
+def test_head_pruning_keeps_the_remaining_heads_exact(pipeline):
+    """Dropping heads equals zeroing their share of the output projection in the original block."""
+    import copy
+
+    unet = pipeline("tiny-sd").unet
+    attn = next(m for m in unet.modules() if type(m).__name__ == "Attention" and m.heads > 1)
+    heads, width = attn.heads, attn.to_q.out_features
+    pruned = copy.deepcopy(attn)
+    assert prune._prune_heads(pruned, 0.5)
+    assert pruned.heads == heads // 2 and pruned.to_q.out_features == width // 2
+    assert pruned.to_out[0].in_features == width // 2
+    head_dim = width // heads
+    kept = {int(i) // head_dim for i in range(width)
+            if any(torch.equal(attn.to_q.weight[i], row) for row in pruned.to_q.weight)}
+    assert len(kept) == heads // 2
+    masked = copy.deepcopy(attn)
+    with torch.no_grad():
+        for h in set(range(heads)) - kept:
+            masked.to_out[0].weight[:, h * head_dim:(h + 1) * head_dim] = 0
+    x = torch.randn(2, 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, 7, attn.to_k.in_features, generator=torch.Generator().manual_seed(1))
+    kwargs = {"encoder_hidden_states": context} if attn.is_cross_attention else {}
+    with torch.no_grad():
+        assert torch.allclose(pruned(x, **kwargs), masked(x, **kwargs), atol=1e-5)
+        assert not torch.allclose(pruned(x, **kwargs), attn(x, **kwargs), atol=1e-3)  # the heads did contribute

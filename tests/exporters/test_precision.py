@@ -60,23 +60,24 @@ def planted(exported, tmp_path_factory):
     feeds, _ = _cases(exported, "vae_decoder")
     refs = graph.run(path, feeds)
     assert all(np.isfinite(r["sample"]).all() for r in refs)
-    return work, graph.load(path.parent), feeds, refs
+    return work, path.parent, feeds, refs
 
 
 def test_planted_overflow_breaks_plain_fp16(planted):
-    work, model, feeds, refs = planted
-    plain = graph.save(half.to_fp16(model), work / "plain")
+    work, src, feeds, refs = planted
+    plain = graph.save(half.to_fp16(graph.load(src)), work / "plain")
     outs = graph.run(plain, feeds)
     assert not all(np.isfinite(o["sample"]).all() for o in outs)
 
 
 def test_islands_fix_the_planted_overflow(planted, tmp_path):
-    work, model, feeds, refs = planted
-    fixed, report = islands.fp16_with_islands(model, feeds[:1], tmp_path, rel_l2=5e-3)
+    work, src, feeds, refs = planted
+    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    report = islands.fp16_with_islands(src, tmp_path / "fixed", feeds[:1], tmp_path / "work", rel_l2=5e-3)
     assert report.clean and report.kept_fp32 and report.overflowing
     assert not np.isfinite(report.first_round_rel_l2["sample"])
-    path = graph.save(fixed, tmp_path / "fixed")
-    assert _worst(path, feeds, refs) < 5e-3  # every reference point, not only the search input
+    assert _worst(tmp_path / "fixed" / "model.onnx", feeds, refs) < 5e-3  # every reference point, not only the search input
+    assert list((tmp_path / "work").iterdir()) == []  # candidates and probe files are cleaned up
     # only part of the graph stays fp32: the island is not the whole decoder
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
     assert len(report.kept_fp32) < len(model.graph.node)
@@ -87,15 +88,16 @@ def test_islands_found_part_by_part(planted, tmp_path, monkeypatch):
     # Full-size graphs are probed part by part (graph.chunks) with the parts of both graphs consumed
     # in step; the search must still find the overflow and fix it. (The kept set may differ by a few
     # nodes: ONNX Runtime fuses differently when other intermediates are exposed.)
-    work, model, feeds, refs = planted
+    work, src, feeds, refs = planted
+    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
     sizes = []
     real_chunks = graph.chunks
     monkeypatch.setattr(graph, "chunks", lambda *a, **k: sizes.append(len(r := real_chunks(*a, **k))) or r)
-    fixed, parted = islands.fp16_with_islands(model, feeds[:1], tmp_path, rel_l2=5e-3, chunk=16)
+    parted = islands.fp16_with_islands(src, tmp_path / "fixed", feeds[:1], tmp_path / "work", rel_l2=5e-3, chunk=16)
     assert sizes and min(sizes) > 3  # really probed in several parts
     assert parted.clean and parted.overflowing and parted.kept_fp32
     assert len(parted.kept_fp32) < len(model.graph.node)
-    assert _worst(graph.save(fixed, tmp_path / "fixed"), feeds, refs) < 5e-3
+    assert _worst(tmp_path / "fixed" / "model.onnx", feeds, refs) < 5e-3
 
 
 def test_probe_parts_respect_count_and_byte_budget():
@@ -138,15 +140,16 @@ def test_fp16_value_read_by_two_default_fp32_ops_stays_single_assignment(tmp_pat
 
 
 def test_clean_graph_needs_no_island(exported, tmp_path):
-    model = graph.load(exported("tiny-sd") / "onnx" / "vae_decoder")
-    feeds, _ = _cases(exported, "vae_decoder")
-    _, report = islands.fp16_with_islands(model, feeds[:1], tmp_path)
+    feeds, refs = _cases(exported, "vae_decoder")
+    report = islands.fp16_with_islands(exported("tiny-sd") / "onnx" / "vae_decoder", tmp_path / "out", feeds[:1],
+                                       tmp_path / "work")
     assert report.clean and report.kept_fp32 == [] and report.rounds == 1
+    assert _worst(tmp_path / "out" / "model.onnx", feeds, refs) < 1e-2
 
 
 def test_island_search_needs_inputs(exported, tmp_path):
     with pytest.raises(ExportError, match="at least one input"):
-        islands.fp16_with_islands(graph.load(exported("tiny-sd") / "onnx" / "vae_decoder"), [], tmp_path)
+        islands.fp16_with_islands(exported("tiny-sd") / "onnx" / "vae_decoder", tmp_path / "out", [], tmp_path)
 
 
 def test_rel_error_flags_non_finite():
@@ -202,3 +205,51 @@ def test_quantizers_leave_nothing_in_the_working_directory(exported, tmp_path, m
     quantize.static_int8(prepared, tmp_path / "s" / "model.onnx", feeds[:1])
     quantize.dynamic_int8(src, tmp_path / "d" / "model.onnx", tmp_path / "dwork")
     assert list(cwd.iterdir()) == []
+
+
+def _initializers(path):
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def test_static_int8_matches_onnxruntime_calibrating_inline(exported, tmp_path):
+    """Calibrating in its own step (memory-bounded) gives the same QDQ graph as quantize_static's inline calibrator."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    src = exported("tiny-sd") / "onnx" / "unet"
+    feeds, refs = _cases(exported, "unet")
+    prepared = quantize.prepare(src, tmp_path / "prep")
+    ours = quantize.static_int8(prepared, tmp_path / "ours" / "model.onnx", feeds[:2])
+    inline = tmp_path / "inline" / "model.onnx"
+    inline.parent.mkdir()
+    quantize_static(str(prepared), str(inline), quantize.FeedReader(feeds[:2]), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(quantize.STATIC_OPS),
+                    use_external_data_format=True)
+    got, want = _initializers(ours), _initializers(inline)
+    scales = [n for n in want if n.endswith("_scale")]
+    assert scales and got.keys() == want.keys()
+    assert all(np.array_equal(got[n], want[n]) for n in want)
+    assert _worst(ours, feeds, refs) < 0.2
+
+
+def test_calibration_session_runs_reductions_early(exported, tmp_path, monkeypatch):
+    """The calibrator's session uses the priority-based order: in the default depth-first order every
+    calibrated activation lives to the end of the call (a full-size UNet passed 20 GB)."""
+    import onnxruntime as ort
+
+    orders = []
+    real = ort.InferenceSession
+
+    def recording(path, options=None, **kwargs):
+        orders.append(options.execution_order if options is not None else None)
+        return real(path, options, **kwargs)
+
+    feeds, _ = _cases(exported, "text_encoder")
+    prepared = quantize.prepare(exported("tiny-sd") / "onnx" / "text_encoder", tmp_path / "prep")
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    ranges = quantize.calibrate(prepared, feeds[:1], tmp_path / "ranges.json")
+    assert orders == [ort.ExecutionOrder.PRIORITY_BASED]
+    from onnxruntime.quantization import load_tensors_data
+
+    data = load_tensors_data(ranges)
+    assert len(data.data) > 0 and all(np.all(d.range_value[0] <= d.range_value[1]) for d in data.data.values())
