@@ -74,8 +74,8 @@ def unet_feed(out: Path, spec) -> dict:
 def build(out: Path, variant: str, distill_steps: int) -> None:
     """Child-process entry: one compile_job."""
     precision, options = VARIANTS[variant]
-    if variant in TORCH_SIDE:
-        options = {**options, "distill_steps": distill_steps}
+    if variant in TORCH_SIDE:  # one feed per forward: a batch of two 512 px CFG feeds costs ~4 GB more
+        options = {**options, "distill_steps": distill_steps, "distill_batch": 1}
     compile_job(out, target="onnxruntime", precision=precision, components=["unet"], options=options)
 
 

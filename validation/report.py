@@ -248,6 +248,32 @@ def _sizes(manifest: dict[str, Any]) -> str:
     return _card("Artifact sizes", _table(["component"] + variants, rows))
 
 
+def _variants(manifest: dict[str, Any]) -> str:
+    """What each precision variant did per component: method, size against fp32, sparsity,
+    fp32 islands kept, quantized ops and the distillation error (the targets' recorded details)."""
+    rows = []
+    for variant, target in sorted((manifest.get("targets") or {}).items()):
+        for component, d in sorted((target.get("details") or {}).items()):
+            if not isinstance(d, dict) or "method" not in d:
+                continue
+            ratio = d["bytes"] / d["fp32_bytes"] if d.get("bytes") and d.get("fp32_bytes") else None
+            islands = d.get("islands") or {}
+            kept = islands.get("kept_fp32")
+            sparsity = (d.get("weights") or {}).get("sparsity")
+            distill = d.get("distillation") or {}
+            ops = ", ".join(f"{k} {v}" for k, v in sorted((d.get("ops") or {}).items()) if k != "Cast")
+            rows.append([_e(variant), f"<b>{_e(component)}</b>", _e(d["method"]), _bytes(d.get("bytes")),
+                         _num(ratio, ".2f") + ("×" if ratio else ""), _num(sparsity, ".1%"),
+                         "–" if kept is None else f'{len(kept)} <span class="why">{_e(", ".join(kept[:6]))}'
+                         f'{" …" if len(kept) > 6 else ""}</span>',
+                         _e(ops) or "–",
+                         f'{_num(distill.get("error_before"))} → {_num(distill.get("error_after"))}' if distill else "–"])
+    if not rows:
+        return ""
+    return _card("Precision variants", _table(["variant", "component", "method", "size", "vs fp32", "sparsity",
+                                               "fp32 islands kept", "quantized ops", "distillation error"], rows))
+
+
 def _generations(out: Path, generations: dict[str, Any]) -> str:
     items = generations.get("generations") or []
     if not items:
@@ -341,6 +367,7 @@ def render(out: Path) -> str:
         _components(validation),
         _bench(bench),
         _sizes(manifest),
+        _variants(manifest),
         _generations(out, generations),
         _manifest(manifest),
     ])

@@ -66,6 +66,8 @@ def compress_component(pipe: Any, spec: ComponentSpec, method: str, options: Com
         prune.make_permanent(student_module)
         details["weights"] = prune.sparsity_report(student_module)
     details["parameters_after"] = prune.parameter_count(student_module)
+    if method == "qat":  # int8 weights with constant scales from here on (buffers, not parameters)
+        details["int8_weights"] = qat.freeze_weights(student_module)
 
     holder = SimpleNamespace(**{exporter.attribute: student_module})  # export_component reads the component by name
     export_component(holder, spec, dst, opset)

@@ -8,7 +8,8 @@ fake-quant ops) while grad is enabled. Without grad (evaluation and export) the 
 rounding runs as explicit quantize/dequantize ops (quantized_decomposed): torch.export
 has no symbolic-shape kernel for aten's fake-quant ops under dynamic dims, while the
 explicit pair traces and torch.onnx lowers it to QuantizeLinear/DequantizeLinear, so the
-exported graph is a QDQ model that ONNX Runtime runs.
+exported graph is a QDQ model that ONNX Runtime runs. After fine-tuning, `freeze_weights`
+stores each weight as int8 with constant scales, so the export carries int8 initializers.
 """
 from __future__ import annotations
 
@@ -40,6 +41,26 @@ class WeightFakeQuant(nn.Module):
         zero = torch.zeros(w.shape[0], dtype=torch.int64, device=w.device)
         q = _QD.quantize_per_channel(w, scale, zero, 0, QMIN, QMAX, torch.int8)
         return _QD.dequantize_per_channel(q, scale, zero, 0, QMIN, QMAX, torch.int8)
+
+
+class FrozenWeight(nn.Module):
+    """Parametrization after fine-tuning: the int8 weight and its per-channel scales as constants.
+
+    The export then holds DequantizeLinear(int8 initializer, constant scale) before each layer,
+    the weight form of ONNX Runtime's static QDQ graphs, which TensorRT also requires (constant
+    Q/DQ scales); the file stores int8 weights, not fp32 ones with scales computed at run time.
+    """
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        scale = (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / QMAX).clamp_min(1e-8)
+        zero = torch.zeros(w.shape[0], dtype=torch.int64)
+        self.register_buffer("q", _QD.quantize_per_channel(w.detach(), scale, zero, 0, QMIN, QMAX, torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+
+    def forward(self, _placeholder: torch.Tensor) -> torch.Tensor:
+        return _QD.dequantize_per_channel(self.q, self.scale, self.zero, 0, QMIN, QMAX, torch.int8)
 
 
 class ActivationFakeQuant:
@@ -82,6 +103,24 @@ def attach(module: nn.Module) -> list[ActivationFakeQuant]:
         layer.register_forward_pre_hook(q)
         quantizers.append(q)
     return quantizers
+
+
+@torch.no_grad()
+def freeze_weights(module: nn.Module) -> int:
+    """Replace every trained fake-quant weight by its int8 form (FrozenWeight); returns the count.
+
+    The fp32 weight is dropped (an empty placeholder stays where the parametrization needs one).
+    """
+    count = 0
+    for _, layer in weight_layers(module):
+        if not parametrize.is_parametrized(layer, "weight"):
+            continue
+        w = layer.parametrizations.weight.original.detach()
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        layer.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        parametrize.register_parametrization(layer, "weight", FrozenWeight(w), unsafe=True)
+        count += 1
+    return count
 
 
 @torch.no_grad()

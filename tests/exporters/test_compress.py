@@ -121,10 +121,20 @@ def test_qat_exports_qdq_that_runs(built):
     facts = _unet(out, "onnx-qat")
     ops = [n.op_type for n in onnx.load(str(out / "onnx-qat" / "unet" / "model.onnx"),
                                         load_external_data=False).graph.node]
-    assert ops.count("QuantizeLinear") >= facts["fake_quantized_layers"]
-    # One pair per weight, plus activation pairs (layers reading one tensor with one range share theirs).
-    assert ops.count("DequantizeLinear") > facts["fake_quantized_layers"]
+    # One DequantizeLinear per int8 weight, plus activation Q/DQ pairs (layers reading one tensor with
+    # one range share theirs).
+    assert ops.count("QuantizeLinear") > 0
+    assert ops.count("DequantizeLinear") == facts["fake_quantized_layers"] + ops.count("QuantizeLinear")
     assert facts["qdq"]["QuantizeLinear"] == ops.count("QuantizeLinear")
+    # Weights are int8 initializers with constant scales (what TensorRT requires), not fp32 weights
+    # quantized at run time: every weight-layer input comes from a DequantizeLinear of an int8 constant.
+    model = onnx.load(str(out / "onnx-qat" / "unet" / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weight_dq) == facts["int8_weights"] == facts["fake_quantized_layers"]
+    assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 and n.input[1] in inits for n in weight_dq)
+    assert not any(n.op_type == "ReduceMax" for n in model.graph.node)  # no scale computed in the graph
+    assert facts["bytes"] < 0.7 * facts["fp32_bytes"]
     assert facts["export_rel_l2"] < 0.05  # ORT's int8 kernels vs torch's fake quant: rounding differences only
 
 
@@ -196,3 +206,28 @@ def test_head_pruning_keeps_the_remaining_heads_exact(pipeline):
     with torch.no_grad():
         assert torch.allclose(pruned(x, **kwargs), masked(x, **kwargs), atol=1e-5)
         assert not torch.allclose(pruned(x, **kwargs), attn(x, **kwargs), atol=1e-3)  # the heads did contribute
+
+
+def test_global_threshold_prunes_the_smallest_magnitudes_over_all_layers():
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    with torch.no_grad():
+        layers[1].weight.uniform_(10, 20)  # the second layer's weights are all large: the global threshold spares them
+    every = torch.cat([m.weight.detach().abs().flatten() for m in layers])
+    prune.prune_unstructured(layers, 0.5, "global")
+    prune.make_permanent(layers)
+    report = prune.sparsity_report(layers)
+    assert report["zero_weights"] == int(0.5 * every.numel())
+    assert int((layers[1].weight == 0).sum()) == 0  # every zero is in the small-magnitude layer
+    kept = torch.cat([m.weight.detach().abs().flatten() for m in layers])
+    assert kept[kept > 0].min() >= every.sort().values[int(0.5 * every.numel()) - 1]
+    prune.prune_unstructured(torch.nn.Sequential(torch.nn.Linear(4, 4)), 0.0)  # nothing to prune: no error
+
+
+def test_global_masks_are_boolean_and_fold_in():
+    layers = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    prune.prune_unstructured(layers, 0.5, "global")
+    assert layers[0].weight_mask.dtype == torch.bool
+    masked = layers[0].weight.detach().clone()
+    prune.make_permanent(layers)
+    assert torch.equal(layers[0].weight.detach(), masked) and not hasattr(layers[0], "weight_mask")

@@ -145,3 +145,23 @@ def test_report_escapes_text_and_shows_failures(tmp_path):
     html = render(out)
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "FAILED" in html and "image missing" in html
+
+
+def test_report_lists_what_each_precision_variant_did(tmp_path):
+    out = tmp_path / "set"
+    out.mkdir()
+    targets = {
+        "onnxruntime-fp16": {"dir": "onnx-fp16", "details": {"vae_decoder": {
+            "method": "fp16", "bytes": 50, "fp32_bytes": 100, "ops": {"Cast": 9},
+            "islands": {"kept_fp32": ["/conv_in/Conv", "/mid/Add"], "clean": True}}}},
+        "onnxruntime-pruned": {"dir": "onnx-pruned", "details": {"unet": {
+            "method": "pruned", "bytes": 100, "fp32_bytes": 100, "weights": {"sparsity": 0.5},
+            "distillation": {"error_before": 0.4, "error_after": 0.1}}}},
+        "openvino-fp32": {"dir": "openvino-fp32", "details": {"unet": {"xml": "unet/openvino_model.xml"}}},
+    }
+    (out / "manifest.json").write_text(json.dumps({"targets": targets}))
+    html = render(out)
+    assert "Precision variants" in html
+    assert "/conv_in/Conv" in html and "0.50×" in html  # the islands kept and the size against fp32
+    assert "50.0%" in html and "0.4 → 0.1" in html  # sparsity and distillation error
+    assert "openvino-fp32" not in html.split("Precision variants")[1].split("</section>")[0]  # no method recorded
