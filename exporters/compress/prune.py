@@ -53,15 +53,16 @@ class _BoolMask(prune.CustomFromMask):
 def _global_threshold(weights: list[torch.Tensor], sparsity: float) -> float:
     """The magnitude at or below which `sparsity` of all the weights lie (-1 for none).
 
-    One kthvalue over the concatenated magnitudes: torch's global_unstructured also builds a
-    full-size mask vector and a top-k of half the model, which exhausted 24 GB on an SD 1.5 UNet.
+    An in-place partition of one copy of the magnitudes: torch's global_unstructured (top-k)
+    and kthvalue both add an int64 index per weight, which exhausted 24 GB on an SD 1.5 UNet.
     """
     total = sum(w.numel() for w in weights)
     k = int(round(sparsity * total))
     if k == 0:
         return -1.0
-    flat = torch.cat([w.detach().abs().flatten() for w in weights])
-    return float(flat.kthvalue(k).values)
+    flat = torch.cat([w.detach().abs().flatten() for w in weights]).numpy()
+    flat.partition(k - 1)
+    return float(flat[k - 1])
 
 
 def make_permanent(module: nn.Module) -> None:
