@@ -11,7 +11,6 @@ and within `rel_l2`; nothing is hand-listed per model.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -165,5 +164,5 @@ def _convert(src: Path, dst: Path, block: set[str], keep_io_types: bool) -> Path
 def _move(candidate: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for path in candidate.glob("model.onnx*"):
-        os.replace(path, dst / path.name)
+        shutil.move(path, dst / path.name)
     shutil.rmtree(candidate)
