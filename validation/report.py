@@ -262,8 +262,10 @@ def _variants(manifest: dict[str, Any]) -> str:
             sparsity = (d.get("weights") or {}).get("sparsity")
             distill = d.get("distillation") or {}
             ops = ", ".join(f"{k} {v}" for k, v in sorted((d.get("ops") or {}).items()) if k != "Cast")
+            before, after = d.get("parameters_before"), d.get("parameters_after")
+            params = f"{after / 1e6:.1f} M of {before / 1e6:.1f} M" if before and after and after != before else "–"
             rows.append([_e(variant), f"<b>{_e(component)}</b>", _e(d["method"]), _bytes(d.get("bytes")),
-                         _num(ratio, ".2f") + ("×" if ratio else ""), _num(sparsity, ".1%"),
+                         _num(ratio, ".2f") + ("×" if ratio else ""), _num(sparsity, ".1%"), params,
                          "–" if kept is None else f'{len(kept)} <span class="why">{_e(", ".join(kept[:6]))}'
                          f'{" …" if len(kept) > 6 else ""}</span>',
                          _e(ops) or "–",
@@ -271,7 +273,7 @@ def _variants(manifest: dict[str, Any]) -> str:
     if not rows:
         return ""
     return _card("Precision variants", _table(["variant", "component", "method", "size", "vs fp32", "sparsity",
-                                               "fp32 islands kept", "quantized ops", "distillation error"], rows))
+                                               "parameters", "fp32 islands kept", "quantized ops", "distillation error"], rows))
 
 
 def _generations(out: Path, generations: dict[str, Any]) -> str:

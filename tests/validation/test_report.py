@@ -156,6 +156,7 @@ def test_report_lists_what_each_precision_variant_did(tmp_path):
             "islands": {"kept_fp32": ["/conv_in/Conv", "/mid/Add"], "clean": True}}}},
         "onnxruntime-pruned": {"dir": "onnx-pruned", "details": {"unet": {
             "method": "pruned", "bytes": 100, "fp32_bytes": 100, "weights": {"sparsity": 0.5},
+            "parameters_before": 2_000_000, "parameters_after": 1_500_000,
             "distillation": {"error_before": 0.4, "error_after": 0.1}}}},
         "openvino-fp32": {"dir": "openvino-fp32", "details": {"unet": {"xml": "unet/openvino_model.xml"}}},
     }
@@ -164,4 +165,5 @@ def test_report_lists_what_each_precision_variant_did(tmp_path):
     assert "Precision variants" in html
     assert "/conv_in/Conv" in html and "0.50×" in html  # the islands kept and the size against fp32
     assert "50.0%" in html and "0.4 → 0.1" in html  # sparsity and distillation error
+    assert "1.5 M of 2.0 M" in html  # parameters left
     assert "openvino-fp32" not in html.split("Precision variants")[1].split("</section>")[0]  # no method recorded
