@@ -30,11 +30,16 @@ AMIN, AMAX = 0, 255  # uint8 activations, as ONNX Runtime's static QDQ uses
 _QD = torch.ops.quantized_decomposed
 
 
+def weight_scale(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scale per output channel (axis 0): max|w| / 127."""
+    return (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / QMAX).clamp_min(1e-8)
+
+
 class WeightFakeQuant(nn.Module):
     """Parametrization: weight -> fake int8, per output channel (axis 0)."""
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        scale = (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / QMAX).clamp_min(1e-8)
+        scale = weight_scale(w)
         if torch.is_grad_enabled():
             zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
             return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, QMIN, QMAX)
@@ -53,7 +58,7 @@ class FrozenWeight(nn.Module):
 
     def __init__(self, w: torch.Tensor):
         super().__init__()
-        scale = (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / QMAX).clamp_min(1e-8)
+        scale = weight_scale(w)
         zero = torch.zeros(w.shape[0], dtype=torch.int64)
         self.register_buffer("q", _QD.quantize_per_channel(w.detach(), scale, zero, 0, QMIN, QMAX, torch.int8))
         self.register_buffer("scale", scale)
