@@ -14,11 +14,56 @@ STAGING = ".staging"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    global FILES_READ
+    FILES_READ += 1
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+FILES_READ = 0  # how many files sha256_file has read in this process (tests count re-reads)
+
+
+class HashCache:
+    """sha256 of files, remembered by what the filesystem says about them.
+
+    An entry is reused only while path, size, mtime, ctime and inode all match: any write
+    changes mtime and ctime (ctime cannot be set back from user space), so a tampered or
+    replaced file is read again. Saved as JSON (atomically) where `store` points.
+    """
+
+    def __init__(self, store: Path | None = None):
+        self.store = store
+        self._entries: dict[str, list] = {}
+        if store is not None and store.is_file():
+            try:
+                loaded = json.loads(store.read_text())
+                if isinstance(loaded, dict):
+                    self._entries = {k: v for k, v in loaded.items() if isinstance(v, list) and len(v) == 2}
+            except (OSError, ValueError):
+                self._entries = {}  # a damaged cache only costs re-reads
+
+    @staticmethod
+    def _stamp(path: Path) -> list[int]:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+    def sha256(self, path: Path) -> str:
+        key = str(Path(path).absolute())
+        stamp = self._stamp(path)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] == stamp:
+            return entry[1]
+        digest = sha256_file(path)
+        if self._stamp(path) == stamp:  # unchanged while it was read
+            self._entries[key] = [stamp, digest]
+        return digest
+
+    def save(self) -> None:
+        if self.store is not None:
+            write_json_atomic(self.store, self._entries)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
