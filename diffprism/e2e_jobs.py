@@ -20,7 +20,8 @@ from diffprism.placement import TORCH, Placement, Runners, mix_label, resolve
 from exporters.errors import UsageError
 from exporters.files import write_bytes_atomic, write_json_atomic
 from exporters.reference import save_npz
-from runtimes.pipeline import Generation, Request, close, generate, runners as pipeline_runners
+from exporters.tree import geometry as tree_geometry
+from runtimes.pipeline import Generation, Request, close, generate, initial_latents, runners as pipeline_runners
 from validation import report
 from validation.e2e import E2EResult, check_pipeline, loosest
 
@@ -32,13 +33,18 @@ MAX_GENERATIONS = 12  # generations kept in the report
 
 
 def default_size(out: Path) -> tuple[int, int]:
-    """The UNet's preferred latent size in pixels (e.g. 512x512 for SD 1.5, 64x64 for tiny-sd)."""
-    _, specs = tree_specs(out)
-    unet, vae = specs.get("unet"), specs.get("vae_decoder")
-    if unet is None or vae is None:
-        raise UsageError("image generation needs the unet and vae_decoder components", "re-export with all components")
-    scale = vae.outputs[0].axes[2].scale
-    return unet.dim("height").opt * scale, unet.dim("width").opt * scale
+    """The denoiser's exported opt size in pixels (e.g. 512x512 for SD 1.5, 64x64 for tiny-sd)."""
+    info, specs = tree_specs(out)
+    geometry = tree_geometry(info)
+    denoiser = specs.get(geometry.denoiser)
+    if denoiser is None:
+        raise UsageError(f"image generation needs the {geometry.denoiser} component", "re-export with all components")
+    scale = geometry.vae_scale_factor
+    return denoiser.dim("height").opt * scale, denoiser.dim("width").opt * scale
+
+
+def _geometry(out: Path):
+    return tree_geometry(tree_specs(out)[0])
 
 
 def parse_size(text: str | None, out: Path) -> tuple[int, int]:
@@ -91,7 +97,7 @@ def generate_job(out: Path, request: Request, *, default: Placement, overrides: 
     try:
         if progress:
             progress(f"denoising {request.steps} steps")
-        gen = generate(pipe, request)
+        gen = generate(pipe, request, initial_latents(_geometry(out), request))
         info = {"label": label, "placements": {n: p.label for n, p in placements.items()}, "runner": _runner_info(pipe),
                 "request": request.to_json(), "seconds": round(gen.seconds, 3)}
     finally:
@@ -131,7 +137,7 @@ def reference_generations(out: Path, runners: Runners, requests: Sequence[Reques
             continue
         if progress:
             progress(f"PyTorch reference {i + 1}/{len(requests)}")
-        gen = generate(runners.source_pipeline(), request)
+        gen = generate(runners.source_pipeline(), request, initial_latents(_geometry(out), request))
         tmp = path.with_name(f".{path.name}.tmp")
         save_npz({"image": gen.image, "latents": gen.latents, "seconds": np.array(gen.seconds)}, tmp)
         tmp.replace(path)
@@ -157,7 +163,7 @@ def e2e_job(out: Path, variants: Sequence[Mapping[str, Placement]], requests: Se
         pipe = runners.pipeline(placements, default)
         try:
             result, _ = check_pipeline(
-                reference, pipe, requests, label=label, precision=precision,
+                reference, pipe, requests, geometry=_geometry(out), label=label, precision=precision,
                 placements={n: p.label for n, p in placements.items()},
                 on_image=lambda i, g, label=label: _save_png(out, f"{REPORT_DIR}/{IMAGES}/{_slug(label)}/{i}.png", g))
             result.runner = _runner_info(pipe)
@@ -195,7 +201,7 @@ def record_e2e(out: Path, requests: Sequence[Request], reference: Sequence[Gener
 # --- benchmarks and report ----------------------------------------------------------------
 
 
-def bench_job(out: Path, variants: Sequence[Placement], *, size: tuple[int, int], steps: int, batch: int = 2,
+def bench_job(out: Path, variants: Sequence[Placement], *, size: tuple[int, int], steps: int, batch: int = 1,
               warmup: int = 1, repeat: int = 5, image_runs: int = 2, components: list[str] | None = None,
               runner_options: Mapping[str, Any] | None = None, progress: Progress | None = None) -> dict[str, Any]:
     from validation import bench
@@ -209,7 +215,7 @@ def bench_job(out: Path, variants: Sequence[Placement], *, size: tuple[int, int]
     runners = Runners(out, runner_options)
     rows = [Placement(TORCH)] + [v for v in variants if v.target != TORCH]
     result = bench.run(
-        specs, rows, make_runner=runners.runner, artifact_bytes=lambda name, p: _artifact_bytes(runners, name, p),
+        specs, rows, geometry=_geometry(out), make_runner=runners.runner, artifact_bytes=lambda name, p: _artifact_bytes(runners, name, p),
         make_pipeline=lambda p: runners.pipeline(resolve(out, p, {}), p), size=size, steps=steps, batch=batch,
         warmup=warmup, repeat=repeat, image_runs=image_runs, progress=progress)
     result["hardware"] = manifest.hardware()
@@ -222,9 +228,10 @@ def bench_job(out: Path, variants: Sequence[Placement], *, size: tuple[int, int]
 
 def _artifact_bytes(runners: Runners, name: str, placement: Placement) -> int | None:
     if placement.target == TORCH:
-        from exporters.components import EXPORTERS
+        from exporters.families import exporter_for
 
-        module = EXPORTERS[name].module(runners.source_pipeline())
+        source = runners.source_pipeline()
+        module = exporter_for(source, name).module(source)
         return sum(p.numel() * p.element_size() for p in module.parameters())
     folder = runners.artifact_dir(placement) / name
     if not folder.exists():

@@ -9,8 +9,9 @@ from diffprism import manifest, sources
 from exporters.errors import SourceError, UsageError
 from exporters.export import ONNX_DIR, REFERENCE_DIR, ExportResult, export_pipeline
 from exporters.files import clean_staging, write_json_atomic
-from exporters.spec import ComponentSpec, ShapeRequest
-from exporters.tree import read_tree_info
+from exporters.spec import DEFAULT_REFERENCE_POINTS, ComponentSpec, ShapeRequest
+from exporters.streaming import StreamingUnsupported
+from exporters.tree import geometry as tree_geometry, read_tree_info
 from targets.base import get_target
 from validation.policy import Policy
 from validation.validate import ValidationResult, validate
@@ -24,22 +25,41 @@ Progress = Callable[[str], None]
 def export_job(source: str, out: Path, *, components: list[str] | None = None, shapes: ShapeRequest = ShapeRequest(),
                opset: int = 18, allow_pickle: bool = False, revision: str | None = None,
                progress: Progress | None = None, request: dict[str, Any] | None = None,
-               streaming: bool = False, reference_points: str = "all") -> ExportResult:
+               streaming: bool | None = None, reference_points: str = DEFAULT_REFERENCE_POINTS) -> ExportResult:
+    """streaming=None: streamed for a folder source (same bytes, a fraction of the memory), with the
+    plain export as the fallback when a component cannot be streamed; True/False force one path."""
     manifest.check_output_folder(out)
     clean_staging(out)
     if progress:
         progress(f"loading {source}")
-    src = sources.load(source, allow_pickle=allow_pickle, revision=revision, empty=streaming)
-    result = export_pipeline(
-        src.pipeline, out, components=components, shapes=shapes, opset=opset, source_info=src.info,
-        progress=(lambda c, s: progress(f"{c}: {s}")) if progress else None, streaming=streaming,
-        reference_points=reference_points,
-    )
+    auto = streaming is None
+    # Pickled weights cannot be streamed (only safetensors are read tensor by tensor).
+    src = sources.load(source, allow_pickle=allow_pickle, revision=revision,
+                       empty=bool(streaming) if not auto else not allow_pickle)
+    streamed = src.empty
+
+    def run(src: sources.Source, streamed: bool) -> ExportResult:
+        return export_pipeline(
+            src.pipeline, out, components=components, shapes=shapes, opset=opset, source_info=src.info,
+            progress=(lambda c, s: progress(f"{c}: {s}")) if progress else None, streaming=streamed,
+            reference_points=reference_points,
+        )
+
+    try:
+        result = run(src, streamed or bool(streaming))
+    except StreamingUnsupported as exc:
+        if not (auto and streamed):
+            raise
+        log.warning("streamed export not possible (%s); loading the weights for the plain export", exc.message)
+        src = sources.load(source, allow_pickle=allow_pickle, revision=revision)
+        streamed = False
+        result = run(src, False)
     data = manifest.new(request or {"command": "export", "source": source})
     data["source"] = src.info
     data["stages"]["export"] = {
         "family": result.family,
         "opset": opset,
+        "streamed": streamed,
         "reference_points": reference_points,
         "components": {
             c.name: {"seconds": round(c.seconds, 2), "bytes": c.onnx_bytes, "spec": c.spec.to_json()}
@@ -174,7 +194,8 @@ def calibrate_job(out: Path, *, prompts: list[str] | None = None, num_prompts: i
     """Capture real component inputs from the export's own source into <out>/calibration (manifest last)."""
     from exporters import calibration
 
-    _, specs = tree_specs(out)
+    info, specs = tree_specs(out)
+    geometry = tree_geometry(info)
     data = manifest.load(out)
     if not data or not data.get("source"):
         raise SourceError(f"{out} has no manifest recording its source", "re-run 'diffprism export SOURCE --out DIR'")
@@ -184,7 +205,8 @@ def calibrate_job(out: Path, *, prompts: list[str] | None = None, num_prompts: i
     src = sources.load_recorded(data["source"])
     if progress:
         progress(f"denoising {len(chosen)} prompts x {steps} steps")
-    folder = calibration.capture(src.pipeline, out, prompts=chosen, steps=steps, seed=seed, specs=specs)
+    folder = calibration.capture(src.pipeline, out, prompts=chosen, steps=steps, seed=seed, specs=specs,
+                                 geometry=geometry)
     info = calibration.info(folder)
     data["stages"]["calibrate"] = {k: info[k] for k in ("steps", "seeds", "height", "width", "counts", "scheduler")}
     data["stages"]["calibrate"]["prompts"] = len(info["prompts"])

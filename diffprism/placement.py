@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from diffprism import manifest, sources
-from exporters.components import EXPORTERS
+from exporters.families import exporter_for
 from exporters.errors import SourceError, UsageError
 from exporters.export import ONNX_DIR
 from exporters.spec import ComponentSpec
@@ -97,8 +97,9 @@ class Runners:
         if placement.target == TORCH:
             from runtimes.torch_runner import TorchRunner
 
-            exporter = EXPORTERS[name]
-            return TorchRunner(spec, exporter.wrap(exporter.module(self.source_pipeline()), spec))
+            source = self.source_pipeline()
+            exporter = exporter_for(source, name)
+            return TorchRunner(spec, exporter.wrap(exporter.module(source), spec))
         from targets.base import get_target
 
         target = get_target(placement.target)
@@ -116,10 +117,10 @@ class Runners:
 def resolve(out: Path, default: Placement, overrides: Mapping[str, Placement]) -> dict[str, Placement]:
     """Placement of every text-to-image component of the export (overrides must name exported components)."""
     from exporters.tree import read_tree_info
-    from runtimes.pipeline import NEEDED
+    from runtimes.pipeline import needed as needed_components
 
     info, specs = read_tree_info(out / ONNX_DIR)
-    needed = NEEDED[info["family"]]
+    needed = needed_components(info, specs)
     unknown = [n for n in overrides if n not in needed]
     if unknown:
         raise UsageError(f"--component-target names {unknown}, which generation does not use",

@@ -29,6 +29,7 @@ class Source:
     ref: str
     pipeline: Any
     info: dict[str, Any] = field(default_factory=dict)
+    empty: bool = False  # models on the meta device, weights left in the folder (streamed export)
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -125,7 +126,7 @@ def _load_folder(path: Path, allow_pickle: bool, empty: bool = False) -> Source:
                           "check that every component folder is complete") from None
     info = {"kind": "folder", "path": str(path.resolve()), "class": index.get("_class_name"),
             "weights_sha256": weights_digest(path)}
-    return Source("folder", str(path), pipe, info)
+    return Source("folder", str(path), pipe, info, empty=empty)
 
 
 def _load_hub(repo_id: str, allow_pickle: bool, revision: str | None) -> Source:

@@ -24,6 +24,7 @@ import torch
 
 from exporters.errors import SourceError, UsageError
 from exporters.files import staged_dir, write_json_atomic
+from exporters.geometry import Geometry
 from exporters.reference import save_npz
 from exporters.spec import ComponentSpec
 
@@ -91,31 +92,43 @@ def _bound(fn: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
     return dict(ba.arguments)
 
 
+def _unet_values(args: tuple, kwargs: dict, forward: Callable) -> dict[str, Any]:
+    a = _bound(forward, args, kwargs)
+    sample = a["sample"]
+    timestep = torch.as_tensor(a["timestep"]).reshape(-1).float()
+    values = {"sample": sample, "timestep": timestep.expand(sample.shape[0]),
+              "encoder_hidden_states": a["encoder_hidden_states"]}
+    values.update(a.get("added_cond_kwargs") or {})
+    return values
+
+
+def _text_values(args: tuple, kwargs: dict, forward: Callable) -> dict[str, Any]:
+    return {"input_ids": _bound(forward, args, kwargs)["input_ids"]}
+
+
+# Exporter kind -> the spec's inputs from a call of the module (forward args and kwargs).
+CAPTURE: dict[str, Callable[[tuple, dict, Callable], dict[str, Any]]] = {
+    "unet": _unet_values, "clip_text": _text_values, "clip_text_projection": _text_values,
+}
+
+
 @contextmanager
 def _hooks(pipe: Any, recorder: _Recorder) -> Iterator[None]:
-    """Forward pre-hooks on the UNet and text encoders, a wrapper around vae.decode; all removed on exit."""
-    handles = []
-    unet = getattr(pipe, "unet", None)
-    if unet is not None:
-        def on_unet(module, args, kwargs):
-            a = _bound(module.forward, args, kwargs)
-            sample = a["sample"]
-            timestep = torch.as_tensor(a["timestep"]).reshape(-1).float()
-            values = {"sample": sample, "timestep": timestep.expand(sample.shape[0]),
-                      "encoder_hidden_states": a["encoder_hidden_states"]}
-            values.update(a.get("added_cond_kwargs") or {})
-            recorder.add("unet", values)
+    """Forward pre-hooks on the denoiser and text encoders, a wrapper around vae.decode; all removed on exit."""
+    from exporters.families import family_of
 
-        handles.append(unet.register_forward_pre_hook(on_unet, with_kwargs=True))
-    for name in ("text_encoder", "text_encoder_2"):
-        encoder = getattr(pipe, name, None)
-        if encoder is None:
+    family = family_of(type(pipe).__name__)
+    handles = []
+    for name, spec in recorder.specs.items():
+        values_of = CAPTURE.get(spec.meta.get("kind"))
+        module = getattr(pipe, family.component(name).source, None)
+        if values_of is None or module is None:
             continue
 
-        def on_text(module, args, kwargs, name=name):
-            recorder.add(name, {"input_ids": _bound(module.forward, args, kwargs)["input_ids"]})
+        def hook(module, args, kwargs, name=name, values_of=values_of):
+            recorder.add(name, values_of(args, kwargs, module.forward))
 
-        handles.append(encoder.register_forward_pre_hook(on_text, with_kwargs=True))
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     vae = getattr(pipe, "vae", None)
     original = vae.decode if vae is not None else None
     if vae is not None:
@@ -138,7 +151,7 @@ def _hooks(pipe: Any, recorder: _Recorder) -> Iterator[None]:
 
 def capture(pipe: Any, out: Path, *, prompts: list[str] | None = None, steps: int = 4, seed: int = 0,
             guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
-            specs: dict[str, ComponentSpec] | None = None) -> Path:
+            specs: dict[str, ComponentSpec] | None = None, geometry: Geometry | None = None) -> Path:
     """Run the pipeline over the prompts and write <out>/calibration atomically; returns that folder.
 
     Prompt i runs with seed + i. Components absent from `specs` are not recorded; with
@@ -147,11 +160,12 @@ def capture(pipe: Any, out: Path, *, prompts: list[str] | None = None, steps: in
     if steps < 1:
         raise UsageError(f"--steps {steps} is not positive", "pass at least 1")
     prompts = pick_prompts(prompts, None)
-    if specs is None:
-        from exporters.export import plan_specs
+    if specs is None or geometry is None:
+        from exporters.export import plan_export
 
-        _, specs = plan_specs(pipe)
-    height, width = _size(pipe, specs, height, width)
+        _, geometry, planned = plan_export(pipe)
+        specs = planned if specs is None else specs
+    height, width = _size(geometry, specs, height, width)
     recorder = _Recorder(specs)
     pipe.set_progress_bar_config(disable=True)
     seeds = [seed + i for i in range(len(prompts))]
@@ -184,17 +198,17 @@ def capture(pipe: Any, out: Path, *, prompts: list[str] | None = None, steps: in
     return final
 
 
-def _size(pipe: Any, specs: Mapping[str, ComponentSpec], height: int | None, width: int | None) -> tuple[int, int]:
+def _size(geometry: Geometry, specs: Mapping[str, ComponentSpec], height: int | None,
+          width: int | None) -> tuple[int, int]:
     """Pixel size to run at: the given one, else the exported opt size, else the model's default."""
-    factor = getattr(pipe, "vae_scale_factor", 8)
+    factor = geometry.vae_scale_factor
     for spec in specs.values():
         names = {d.name for d in spec.dims}
         if {"height", "width"} <= names:
             height = height or spec.dim("height").opt * factor
             width = width or spec.dim("width").opt * factor
             break
-    default = pipe.unet.config.sample_size * factor
-    return int(height or default), int(width or default)
+    return int(height or geometry.default_size), int(width or geometry.default_size)
 
 
 def info(calibration_dir: Path) -> dict[str, Any]:

@@ -1,4 +1,10 @@
-"""One exporter per component kind: its spec, a clean tensor-in/tensor-out wrapper, its config.
+"""Exporter kinds: one per kind of module (CLIP text, UNet, VAE half, ...): its spec, a clean
+tensor-in/tensor-out wrapper, its config.
+
+A kind follows from the module's class (KIND_BY_CLASS), never from the component's name: in SDXL
+`text_encoder_2` is a CLIP encoder with projection, in Flux a T5 encoder. Families
+(exporters.families) say which components a pipeline has; an exporter instance is built as
+`KINDS[kind](name=..., attribute=...)`.
 
 Tensor and component names follow diffusers and optimum, so optimum's ONNX loaders
 and diffusers' own pipelines find what they expect.
@@ -6,14 +12,16 @@ and diffusers' own pipelines find what they expect.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from exporters.errors import ShapeError
-from exporters.spec import Axis, ComponentSpec, Dim, ShapeRequest, TensorSpec
+from exporters.errors import SourceError
+from exporters.spec import Axis, ComponentSpec, Dim, TensorSpec
+
+if TYPE_CHECKING:
+    from exporters.geometry import Geometry
 
 B = Axis("batch")
 S = Axis("sequence")
@@ -21,68 +29,25 @@ H = Axis("height")
 W = Axis("width")
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Facts about a pipeline that every component spec needs."""
-
-    vae_scale_factor: int
-    latent_channels: int
-    latent_multiple: int  # latent H/W must be multiples of this (the UNet's upsamplers)
-    default_latent: int  # the UNet's sample_size
-    max_sequence: int  # tokenizer model_max_length
-    vocab_size: int
-    family: str  # "sd" or "sdxl"
-
-
-def dims_for(geometry: Geometry, shapes: ShapeRequest) -> dict[str, Dim]:
-    """Turn a pixel/batch request into latent-space dims, with clear errors for impossible requests."""
-    batch = Dim("batch", *shapes.batch)
-    step = geometry.latent_multiple * geometry.vae_scale_factor
-    if shapes.image is None:
-        opt = geometry.default_latent
-        lo = max(geometry.latent_multiple, _round_down(opt // 2, geometry.latent_multiple))
-        image = (lo * geometry.vae_scale_factor, opt * geometry.vae_scale_factor, 2 * opt * geometry.vae_scale_factor)
-    else:
-        image = shapes.image
-    for label, px in zip(("min", "opt", "max"), image):
-        if px % step:
-            raise ShapeError(
-                f"image size {label}={px} px is not a multiple of {step} "
-                f"(latents must be multiples of {geometry.latent_multiple}, VAE scale {geometry.vae_scale_factor})",
-                f"use a multiple of {step}, e.g. {max(step, px - px % step)}",
-            )
-    latent = tuple(px // geometry.vae_scale_factor for px in image)
-    height = Dim("height", *latent, multiple_of=geometry.latent_multiple)
-    width = Dim("width", *latent, multiple_of=geometry.latent_multiple)
-    seq = shapes.sequence or (geometry.max_sequence,) * 3
-    if seq[2] > geometry.max_sequence:
-        raise ShapeError(
-            f"sequence length {seq[2]} exceeds the text encoder's {geometry.max_sequence} positions",
-            f"use at most {geometry.max_sequence}",
-        )
-    sequence = Dim("sequence", *seq)
-    return {"batch": batch, "height": height, "width": width, "sequence": sequence}
-
-
-def _round_down(value: int, multiple: int) -> int:
-    return value - value % multiple
-
-
 def _f32(name: str, *axes: int | Axis) -> TensorSpec:
     return TensorSpec(name, "float32", tuple(axes))
 
 
 class ComponentExporter(ABC):
-    """Base: subclasses name the component, the pipeline attribute it reads, and its I/O."""
+    """Base of every kind. `outputs` names extra outputs the family's pipeline consumes
+    (e.g. "hidden_states": SDXL and SD3 condition on a CLIP encoder's penultimate layer)."""
 
-    name: str
-    attribute: str
+    kind: str
+    role: str = "other"  # "text_encoder", "denoiser" or "vae": what geometry asks the kind about
+
+    def __init__(self, name: str, attribute: str | None = None, outputs: tuple[str, ...] = ()):
+        self.name = name
+        self.attribute = attribute or name
+        self.outputs = tuple(outputs)
 
     def module(self, pipe: Any) -> nn.Module:
         module = getattr(pipe, self.attribute, None)
         if module is None:
-            from exporters.errors import SourceError
-
             raise SourceError(
                 f"the pipeline has no '{self.attribute}' (needed for component '{self.name}')",
                 "add the component to the model folder or leave it out with --components",
@@ -90,7 +55,7 @@ class ComponentExporter(ABC):
         return module
 
     @abstractmethod
-    def spec(self, pipe: Any, geometry: Geometry, dims: dict[str, Dim]) -> ComponentSpec:
+    def spec(self, pipe: Any, geometry: "Geometry", dims: dict[str, Dim]) -> ComponentSpec:
         """The component's inputs and outputs with their dims."""
 
     @abstractmethod
@@ -100,6 +65,19 @@ class ComponentExporter(ABC):
     def config(self, module: nn.Module) -> dict[str, Any]:
         cfg = module.config
         return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+    def sequence_limit(self, geometry: "Geometry") -> int:
+        """Upper bound of this component's `sequence` dim (the text it is conditioned on)."""
+        return min(geometry.max_sequence.values()) if geometry.max_sequence else 1
+
+    # Geometry facts a kind knows about its module (exporters.geometry asks by role).
+    def text_facts(self, module: nn.Module, tokenizer: Any) -> tuple[int, int]:
+        """(max sequence, vocab size) of a text encoder."""
+        raise NotImplementedError(f"{self.kind} is not a text encoder")
+
+    def latent_facts(self, module: nn.Module) -> tuple[int, int]:
+        """(latent multiple, default latent side) of a denoiser."""
+        raise NotImplementedError(f"{self.kind} is not a denoiser")
 
 
 # --- text encoders -----------------------------------------------------------------------
@@ -123,24 +101,23 @@ class _TextEncoderWrapper(nn.Module):
         return tuple(values)
 
 
-class TextEncoderExporter(ComponentExporter):
-    def __init__(self, name: str):
-        self.name = name
-        self.attribute = name
+class ClipTextExporter(ComponentExporter):
+    """CLIPTextModel: last_hidden_state and pooler_output (+ every hidden state if the family consumes them)."""
+
+    kind = "clip_text"
+    role = "text_encoder"
+
+    def _main_outputs(self, enc: nn.Module) -> list[TensorSpec]:
+        hidden = enc.config.hidden_size
+        return [_f32("last_hidden_state", B, S, hidden), _f32("pooler_output", B, hidden)]
 
     def spec(self, pipe, geometry, dims):
         enc = self.module(pipe)
         hidden = enc.config.hidden_size
-        with_projection = type(enc).__name__.endswith("WithProjection")
-        outputs = []
-        if with_projection:
-            outputs.append(_f32("text_embeds", B, enc.config.projection_dim))
-        outputs.append(_f32("last_hidden_state", B, S, hidden))
-        if not with_projection:
-            outputs.append(_f32("pooler_output", B, hidden))
-        if geometry.family == "sdxl":  # SDXL conditions on the penultimate hidden state
+        outputs = self._main_outputs(enc)
+        if "hidden_states" in self.outputs:
             outputs += [_f32(f"hidden_states.{i}", B, S, hidden) for i in range(enc.config.num_hidden_layers + 1)]
-        ids = TensorSpec("input_ids", "int64", (B, S), value_range=(0, geometry.vocab_size))
+        ids = TensorSpec("input_ids", "int64", (B, S), value_range=(0, geometry.vocab_size[self.name]))
         return ComponentSpec(self.name, (ids,), tuple(outputs), (dims["batch"], dims["sequence"]))
 
     def wrap(self, module, spec):
@@ -150,35 +127,54 @@ class TextEncoderExporter(ComponentExporter):
     def config(self, module):
         return module.config.to_dict()
 
+    def sequence_limit(self, geometry):
+        return geometry.max_sequence[self.name]
+
+    def text_facts(self, module, tokenizer):
+        max_seq = min(getattr(tokenizer, "model_max_length", 77), module.config.max_position_embeddings)
+        vocab = module.config.vocab_size
+        if tokenizer is not None:
+            vocab = min(vocab, len(tokenizer))  # generated ids must be valid for both
+        return max_seq, vocab
+
+
+class ClipTextProjectionExporter(ClipTextExporter):
+    """CLIPTextModelWithProjection: text_embeds (the pooled projection) and last_hidden_state."""
+
+    kind = "clip_text_projection"
+
+    def _main_outputs(self, enc):
+        return [_f32("text_embeds", B, enc.config.projection_dim),
+                _f32("last_hidden_state", B, S, enc.config.hidden_size)]
+
 
 # --- UNet ------------------------------------------------------------------------------
 
 
 class _UNetWrapper(nn.Module):
-    def __init__(self, unet: nn.Module, sdxl: bool):
+    def __init__(self, unet: nn.Module, added_cond: bool):
         super().__init__()
         self.unet = unet
-        self.sdxl = sdxl
+        self.added_cond = added_cond
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.added_cond else None
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class UNetExporter(ComponentExporter):
-    name = "unet"
-    attribute = "unet"
+    kind = "unet"
+    role = "denoiser"
 
     def spec(self, pipe, geometry, dims):
         unet = self.module(pipe)
         c = unet.config
-        latent = c.in_channels
         inputs = [
-            _f32("sample", B, latent, H, W),
+            _f32("sample", B, c.in_channels, H, W),
             TensorSpec("timestep", "float32", (B,), value_range=(0, 1000)),
             _f32("encoder_hidden_states", B, S, c.cross_attention_dim),
         ]
-        if c.addition_embed_type == "text_time":
+        if c.addition_embed_type == "text_time":  # SDXL's added conditioning
             time_dim = 6 * c.addition_time_embed_dim
             inputs += [
                 _f32("text_embeds", B, c.projection_class_embeddings_input_dim - time_dim),
@@ -186,11 +182,15 @@ class UNetExporter(ComponentExporter):
             ]
         outputs = (_f32("out_sample", B, c.out_channels, H, W),)
         return ComponentSpec(
-            "unet", tuple(inputs), outputs, (dims["batch"], dims["height"], dims["width"], dims["sequence"])
+            self.name, tuple(inputs), outputs, (dims["batch"], dims["height"], dims["width"], dims["sequence"])
         )
 
     def wrap(self, module, spec):
         return _UNetWrapper(module, "time_ids" in spec.input_names)
+
+    def latent_facts(self, module):
+        ups = len(module.config.down_block_types) - 1
+        return max(8, 2**ups), module.config.sample_size
 
 
 # --- VAE -------------------------------------------------------------------------------
@@ -215,42 +215,55 @@ class _VaeDecoderWrapper(nn.Module):
 
 
 class VaeEncoderExporter(ComponentExporter):
-    name = "vae_encoder"
-    attribute = "vae"
+    kind = "vae_encoder"
+    role = "vae"
 
     def spec(self, pipe, geometry, dims):
         vae = self.module(pipe)
         f = geometry.vae_scale_factor
         inputs = (_f32("sample", B, vae.config.in_channels, Axis("height", f), Axis("width", f)),)
         outputs = (_f32("latent_parameters", B, 2 * vae.config.latent_channels, H, W),)
-        return ComponentSpec("vae_encoder", inputs, outputs, (dims["batch"], dims["height"], dims["width"]))
+        return ComponentSpec(self.name, inputs, outputs, (dims["batch"], dims["height"], dims["width"]))
 
     def wrap(self, module, spec):
         return _VaeEncoderWrapper(module)
 
 
 class VaeDecoderExporter(ComponentExporter):
-    name = "vae_decoder"
-    attribute = "vae"
+    kind = "vae_decoder"
+    role = "vae"
 
     def spec(self, pipe, geometry, dims):
         vae = self.module(pipe)
         f = geometry.vae_scale_factor
         inputs = (_f32("latent_sample", B, vae.config.latent_channels, H, W),)
         outputs = (_f32("sample", B, vae.config.out_channels, Axis("height", f), Axis("width", f)),)
-        return ComponentSpec("vae_decoder", inputs, outputs, (dims["batch"], dims["height"], dims["width"]))
+        return ComponentSpec(self.name, inputs, outputs, (dims["batch"], dims["height"], dims["width"]))
 
     def wrap(self, module, spec):
         return _VaeDecoderWrapper(module)
 
 
-EXPORTERS: dict[str, ComponentExporter] = {
-    e.name: e
-    for e in (
-        TextEncoderExporter("text_encoder"),
-        TextEncoderExporter("text_encoder_2"),
-        UNetExporter(),
-        VaeEncoderExporter(),
-        VaeDecoderExporter(),
-    )
+# --- registry --------------------------------------------------------------------------
+
+KINDS: dict[str, type[ComponentExporter]] = {
+    k.kind: k for k in (ClipTextExporter, ClipTextProjectionExporter, UNetExporter, VaeEncoderExporter,
+                        VaeDecoderExporter)
 }
+
+# Module class name -> kind. A subclass finds its kind through its base classes (kind_of).
+KIND_BY_CLASS: dict[str, str] = {
+    "CLIPTextModel": "clip_text",
+    "CLIPTextModelWithProjection": "clip_text_projection",
+    "UNet2DConditionModel": "unet",
+}
+
+
+def kind_of(module: nn.Module, component: str) -> str:
+    for cls in type(module).__mro__:
+        if cls.__name__ in KIND_BY_CLASS:
+            return KIND_BY_CLASS[cls.__name__]
+    raise SourceError(
+        f"component '{component}' is a {type(module).__name__}, which diffprism has no exporter for",
+        f"supported module classes: {', '.join(sorted(KIND_BY_CLASS))}",
+    )

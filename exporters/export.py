@@ -1,6 +1,7 @@
 """export_pipeline: split a pipeline, trace each component once, write the ONNX tree and references."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -10,10 +11,11 @@ from typing import Any, Callable
 
 from exporters import onnx_writer, reference, tree
 from exporters import streaming as streaming_mod
-from exporters.components import EXPORTERS, dims_for
-from exporters.families import Family, family_of, geometry_of, select_components
+from exporters.components import ComponentExporter
+from exporters.families import Family, exporter_for, family_of, select_components
+from exporters.geometry import Geometry, compute as compute_geometry, dims_for
 from exporters.files import staged_dir
-from exporters.spec import ComponentSpec, ShapeRequest, select_points
+from exporters.spec import DEFAULT_REFERENCE_POINTS, ComponentSpec, ShapeRequest, select_points
 from exporters.trace import trace
 
 log = logging.getLogger(__name__)
@@ -37,36 +39,47 @@ class ExportResult:
     tree: Path
     family: str
     specs: dict[str, ComponentSpec]
+    geometry: Geometry | None = None
     components: list[ComponentResult] = field(default_factory=list)
     references: dict[str, Path] = field(default_factory=dict)
 
 
+def plan_export(pipe: Any, components: list[str] | None = None, shapes: ShapeRequest = ShapeRequest()
+                ) -> tuple[Family, Geometry, dict[str, ComponentSpec]]:
+    """Family, geometry and the specs an export would use, without tracing anything (checks the request)."""
+    family = family_of(type(pipe).__name__)
+    names = select_components(family, components, pipe)
+    geometry = compute_geometry(pipe, family)
+    specs = {}
+    for name in names:
+        exporter = family.exporter(pipe, name)
+        spec = exporter.spec(pipe, geometry, dims_for(geometry, shapes, exporter))
+        specs[name] = dataclasses.replace(spec, meta={**spec.meta, "kind": exporter.kind})
+    return family, geometry, specs
+
+
 def plan_specs(pipe: Any, components: list[str] | None = None, shapes: ShapeRequest = ShapeRequest()
                ) -> tuple[Family, dict[str, ComponentSpec]]:
-    """The specs an export would use, without tracing anything (checks the shape request)."""
-    family = family_of(type(pipe).__name__)
-    names = select_components(family, components)
-    geometry = geometry_of(pipe, family)
-    dims = dims_for(geometry, shapes)
-    return family, {name: EXPORTERS[name].spec(pipe, geometry, dims) for name in names}
+    family, _, specs = plan_export(pipe, components, shapes)
+    return family, specs
 
 
 def trace_component(pipe: Any, spec: ComponentSpec) -> tuple[Any, Any]:
     """(wrapper, torch.export program) of one component: the one trace every format starts from."""
-    exporter = EXPORTERS[spec.name]
+    exporter = exporter_for(pipe, spec.name)
     wrapper = exporter.wrap(exporter.module(pipe), spec)
     return wrapper, trace(wrapper, spec)
 
 
 def export_component(pipe: Any, spec: ComponentSpec, directory: Path, opset: int,
-                     streaming: bool = False) -> tuple[Any, Path]:
+                     streaming: bool = False, exporter: ComponentExporter | None = None) -> tuple[Any, Path]:
     """Trace one component and write directory/{model.onnx, model.onnx_data, config.json}.
 
     streaming=True traces without weights and streams them into the data file (exporters.streaming);
     the returned wrapper then runs PyTorch references with weights read layer by layer if the
-    pipeline itself holds none.
+    pipeline itself holds none. `exporter` defaults to the one the pipeline's family picks.
     """
-    exporter = EXPORTERS[spec.name]
+    exporter = exporter or exporter_for(pipe, spec.name)
     module = exporter.module(pipe)
     if streaming or streaming_mod.has_no_storage(module):
         try:
@@ -75,7 +88,8 @@ def export_component(pipe: Any, spec: ComponentSpec, directory: Path, opset: int
             if streaming_mod.has_no_storage(module):
                 raise
             log.warning("%s: streamed export not possible (%s); using the plain export", spec.name, exc.message)
-    wrapper, program = trace_component(pipe, spec)
+    wrapper = exporter.wrap(module, spec)
+    program = trace(wrapper, spec)
     model = onnx_writer.to_onnx(program, spec, opset)
     path = onnx_writer.save(model, directory)
     tree.write_component_config(directory, exporter.config(module))
@@ -106,15 +120,16 @@ def export_pipeline(
     source_info: dict[str, Any] | None = None,
     progress: Progress | None = None,
     streaming: bool = False,
-    reference_points: str = "all",
+    reference_points: str = DEFAULT_REFERENCE_POINTS,
 ) -> ExportResult:
     """Write <out>/onnx (HF-ONNX tree) and <out>/reference (PyTorch outputs), each atomically.
 
-    reference_points: "all" validation points (exporters.spec.iter_points) or "opt" only.
+    reference_points: "small" (min and a small off-square point), "all" validation points or "opt"
+    (exporters.spec.select_points).
     """
     onnx_writer.check_opset(opset)
-    family, specs = plan_specs(pipe, components, shapes)
-    result = ExportResult(out / ONNX_DIR, family.name, specs)
+    family, geometry, specs = plan_export(pipe, components, shapes)
+    result = ExportResult(out / ONNX_DIR, family.name, specs, geometry)
     notify = progress or (lambda component, stage: None)
     with staged_dir(out / ONNX_DIR) as tree_dir, staged_dir(out / REFERENCE_DIR) as ref_dir:
         for name, spec in specs.items():
@@ -130,7 +145,8 @@ def export_pipeline(
             del wrapper
             gc.collect()
         tree.write_pipeline_files(pipe, tree_dir, family.tokenizers)
-        info = {"family": family.name, "precision": "fp32", "opset": opset, "source": source_info or {}}
+        info = {"family": family.name, "precision": "fp32", "opset": opset, "source": source_info or {},
+                "geometry": geometry.to_json()}
         tree.write_tree_info(tree_dir, info, specs)
     result.references = {name: out / REFERENCE_DIR / f"{name}.npz" for name in specs}
     return result

@@ -1,33 +1,97 @@
-"""Pipeline families: which components a pipeline class splits into, and its geometry."""
+"""Pipeline families as data: the components a pipeline class splits into, and how its pipeline runs.
+
+A family is one declaration. Each component names the pipeline attribute it reads, whether it may be
+absent, its tokenizer and the extra outputs the pipeline consumes; its exporter kind follows from
+the module's class (exporters.components.KIND_BY_CLASS), or is fixed for the two VAE halves.
+Nothing outside this table branches on the family's name.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from exporters.components import Geometry
+from exporters.components import KINDS, ComponentExporter, kind_of
 from exporters.errors import SourceError, UsageError
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    attribute: str = ""  # pipeline attribute read ("" = the name)
+    optional: bool = False  # the pipeline also runs without it (e.g. SD3's T5 encoder)
+    kind: str | None = None  # fixed kind; None: from the module's class
+    tokenizer: str | None = None  # the tokenizer feeding a text encoder
+    outputs: tuple[str, ...] = ()  # extra outputs the pipeline consumes ("hidden_states")
+    generation: bool = True  # text-to-image runs it (the VAE encoder is for image-to-image)
+
+    @property
+    def source(self) -> str:
+        return self.attribute or self.name
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    pipeline_classes: tuple[str, ...]
-    components: tuple[str, ...]
-    tokenizers: tuple[str, ...]
+    pipeline_classes: tuple[str, ...]  # the first one is text-to-image
+    components: tuple[Component, ...]
+    guidance: bool  # the denoiser runs under classifier-free guidance (2 latents per image)
 
+    @property
+    def tokenizers(self) -> tuple[str, ...]:
+        return tuple(c.tokenizer for c in self.components if c.tokenizer)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components)
+
+    def component(self, name: str) -> Component:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise UsageError(f"unknown component '{name}' for a {self.name} pipeline", f"choose from {list(self.names)}")
+
+    def exporter(self, pipe: Any, name: str) -> ComponentExporter:
+        """The exporter of one component, its kind chosen by what the module is."""
+        c = self.component(name)
+        kind = c.kind
+        if kind is None:
+            module = getattr(pipe, c.source, None)
+            if module is None:
+                raise SourceError(f"the pipeline has no '{c.source}' (needed for component '{name}')",
+                                  "add the component to the model folder or leave it out with --components")
+            kind = kind_of(module, name)
+        return KINDS[kind](name=c.name, attribute=c.source, outputs=c.outputs)
+
+    def present(self, pipe: Any) -> list[str]:
+        """Components the pipeline holds (optional ones may be None)."""
+        return [c.name for c in self.components if not (c.optional and getattr(pipe, c.source, None) is None)]
+
+    def generation_components(self, exported: Any) -> list[str]:
+        """Components text-to-image needs, given the exported names (optional ones only if exported)."""
+        return [c.name for c in self.components if c.generation and (not c.optional or c.name in exported)]
+
+
+def _clip(name: str, tokenizer: str, hidden_states: bool = False, optional: bool = False) -> Component:
+    return Component(name, tokenizer=tokenizer, outputs=("hidden_states",) if hidden_states else (), optional=optional)
+
+
+VAE = (Component("vae_encoder", "vae", kind="vae_encoder", generation=False),
+       Component("vae_decoder", "vae", kind="vae_decoder"))
 
 FAMILIES = (
     Family(
         "sd",
         ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
-        ("text_encoder", "unet", "vae_encoder", "vae_decoder"),
-        ("tokenizer",),
+        (_clip("text_encoder", "tokenizer"), Component("unet"), *VAE),
+        guidance=True,
     ),
     Family(
         "sdxl",
         ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
-        ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"),
-        ("tokenizer", "tokenizer_2"),
+        # SDXL conditions on the penultimate hidden state of both CLIP encoders.
+        (_clip("text_encoder", "tokenizer", hidden_states=True), _clip("text_encoder_2", "tokenizer_2", True),
+         Component("unet"), *VAE),
+        guidance=True,
     ),
 )
 
@@ -44,38 +108,29 @@ def family_of(class_name: str) -> Family:
     )
 
 
-def select_components(family: Family, requested: list[str] | None) -> list[str]:
+def family_named(name: str) -> Family:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise SourceError(f"unknown pipeline family '{name}' in the tree info", "re-export with this diffprism version")
+
+
+def exporter_for(pipe: Any, name: str) -> ComponentExporter:
+    """The exporter of component `name` of a loaded pipeline."""
+    return family_of(type(pipe).__name__).exporter(pipe, name)
+
+
+def select_components(family: Family, requested: list[str] | None, pipe: Any = None) -> list[str]:
+    available = family.present(pipe) if pipe is not None else list(family.names)
     if not requested:
-        return list(family.components)
-    unknown = [c for c in requested if c not in family.components]
+        return available
+    unknown = [c for c in requested if c not in family.names]
     if unknown:
         raise UsageError(
             f"unknown component(s) {unknown} for a {family.name} pipeline",
-            f"choose from {list(family.components)}",
+            f"choose from {list(family.names)}",
         )
-    return [c for c in family.components if c in requested]  # canonical order
-
-
-def geometry_of(pipe: Any, family: Family) -> Geometry:
-    unet = getattr(pipe, "unet", None)
-    vae = getattr(pipe, "vae", None)
-    tokenizer = getattr(pipe, "tokenizer", None)
-    text_encoder = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
-    if unet is not None:
-        ups = len(unet.config.down_block_types) - 1
-        multiple = max(8, 2**ups)
-        default_latent = unet.config.sample_size
-        latent_channels = unet.config.in_channels
-    else:
-        multiple, default_latent = 8, 64
-        latent_channels = vae.config.latent_channels if vae is not None else 4
-    max_seq = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
-    if text_encoder is not None:
-        max_seq = min(max_seq, text_encoder.config.max_position_embeddings)
-        vocab = text_encoder.config.vocab_size
-    else:
-        vocab = len(tokenizer) if tokenizer is not None else 49408
-    if tokenizer is not None:
-        vocab = min(vocab, len(tokenizer))  # generated ids must be valid for both
-    return Geometry(vae_scale, latent_channels, multiple, default_latent, max_seq, vocab, family.name)
+    absent = [c for c in requested if c not in available]
+    if absent:
+        raise SourceError(f"the pipeline has no {absent}", f"it holds {available}")
+    return [c for c in family.names if c in requested]  # canonical order

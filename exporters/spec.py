@@ -254,12 +254,11 @@ def _np_dtype_name(dtype: Any) -> str:
 class ShapeRequest:
     """What the user asks for, in pixels and batch: turned into per-component dims.
 
-    `image` is in pixels; latent dims are image // vae_scale_factor and must be
-    multiples of 8 (the UNet's down/upsamplers need it), so image sizes must be
-    multiples of 8 * vae_scale_factor.
+    `batch` counts images; `image` is in pixels; latent dims are image // vae_scale_factor and
+    must be multiples of the geometry's latent multiple (the UNet's down/upsamplers need it).
     """
 
-    batch: tuple[int, int, int] = (1, 2, 4)
+    batch: tuple[int, int, int] = (1, 1, 2)  # images (exporters.geometry.dims_for scales the denoiser's)
     image: tuple[int, int, int] | None = None  # None: derived from the model's sample size
     sequence: tuple[int, int, int] | None = None  # None: the tokenizer's max length, static
 
@@ -280,15 +279,33 @@ class ShapeRequest:
         return lo, opt, hi
 
 
-REFERENCE_POINTS = ("all", "opt")
+REFERENCE_POINTS = ("small", "all", "opt")
+DEFAULT_REFERENCE_POINTS = "small"
 
 
-def select_points(spec: ComponentSpec, which: str = "all") -> list[tuple[str, dict[str, int]]]:
-    """The points PyTorch references are computed at: every validation point, or the opt point only
-    (quicker on large models: the max point of a UNet costs many times a typical call)."""
+def select_points(spec: ComponentSpec, which: str = DEFAULT_REFERENCE_POINTS) -> list[tuple[str, dict[str, int]]]:
+    """The points PyTorch references are computed at.
+
+    "small" (default): the min point and a small off-square point one step up in width and batch:
+    two shapes, so a dynamic-shape bug away from one point shows, at a fraction of the cost of the
+    max point (the max point of a UNet costs many times a typical call). "all": every validation
+    point (iter_points). "opt": the opt point only.
+    """
     if which not in REFERENCE_POINTS:
         raise UsageError(f"unknown reference points '{which}'", f"use one of {', '.join(REFERENCE_POINTS)}")
-    return list(iter_points(spec)) if which == "all" else [("opt", spec.dim_values("opt"))]
+    if which == "opt":
+        return [("opt", spec.dim_values("opt"))]
+    if which == "all":
+        return list(iter_points(spec))
+    points = [("min", spec.dim_values("min"))]
+    small = spec.dim_values("min")
+    for name in ("width", "batch"):  # one step up where the dim is dynamic
+        if name in small:
+            d = spec.dim(name)
+            small[name] = min(d.max, d.min + d.multiple_of)
+    if small != points[0][1]:
+        points.append(("small", small))
+    return points
 
 
 def iter_points(spec: ComponentSpec) -> Iterable[tuple[str, dict[str, int]]]:

@@ -474,9 +474,6 @@ __all__ = [
 
 # --- pipelines without weights ------------------------------------------------------------------
 
-MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-
 def empty_pipeline(folder: Path):
     """A saved diffusers pipeline with its models built on the meta device (configs only).
 
@@ -490,12 +487,13 @@ def empty_pipeline(folder: Path):
 
     index = json.loads((Path(folder) / "model_index.json").read_text())
     parts = {}
-    for part in MODEL_PARTS:
-        entry = index.get(part)
-        if not entry or entry[0] is None:
+    for part, entry in index.items():
+        if part.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
             continue
         library, class_name = entry
-        cls = getattr(importlib.import_module(library), class_name)
+        cls = getattr(importlib.import_module(library), class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            continue  # scheduler, tokenizers, feature extractors load as usual
         with init_empty_weights(include_buffers=False):
             if library == "diffusers":
                 parts[part] = cls.from_config(cls.load_config(Path(folder) / part))

@@ -51,3 +51,21 @@ def read_tree_info(tree: Path) -> tuple[dict[str, Any], dict[str, ComponentSpec]
     data = json.loads(path.read_text())
     specs = {s["name"]: ComponentSpec.from_json(s) for s in data.pop("components")}
     return data, specs
+
+
+def geometry(info: Mapping[str, Any]):
+    """The pipeline's geometry from tree info (read_tree_info's first value): the one accessor."""
+    from exporters.errors import SourceError
+    from exporters.geometry import Geometry
+
+    data = info.get("geometry")
+    if not data:
+        # Trees from before the geometry was recorded: their VAE scale, latent multiple and sequence
+        # limits were never stored together, and guessing them is what this field replaces.
+        raise SourceError("the exported tree records no geometry (it was exported by an older diffprism)",
+                          "re-run 'diffprism export' to write the tree again")
+    return Geometry.from_json(data)
+
+
+def read_geometry(tree: Path):
+    return geometry(read_tree_info(tree)[0])

@@ -21,17 +21,19 @@ import torch
 from torch import nn
 
 from exporters.errors import SourceError, UsageError
+from exporters.families import family_named
+from exporters.geometry import Geometry
 from exporters.spec import ComponentSpec
-from exporters.tree import read_tree_info
+from exporters.tree import geometry as tree_geometry, read_tree_info
 from runtimes.base import Runner
 
 log = logging.getLogger(__name__)
 
 RunnerFactory = Callable[[ComponentSpec], Runner]
 
-# The components text-to-image needs, per family (the VAE encoder is for image-to-image).
-NEEDED = {"sd": ("text_encoder", "unet", "vae_decoder"), "sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_decoder")}
-PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+# Pipeline arguments a runner pipeline leaves off (safety checker, watermark: not part of the export).
+OFF = {"safety_checker": None, "feature_extractor": None, "image_encoder": None, "requires_safety_checker": False,
+       "add_watermarker": False}
 
 
 def _frozen(config: Mapping[str, Any]):
@@ -115,8 +117,13 @@ class VaeDecoderShim(_Shim):
         return self.decode(z, return_dict=False)[0]
 
 
-SHIMS = {"text_encoder": TextEncoderShim, "text_encoder_2": TextEncoderShim, "unet": UNetShim,
-         "vae_decoder": VaeDecoderShim}
+SHIMS = {"clip_text": TextEncoderShim, "clip_text_projection": TextEncoderShim, "unet": UNetShim,
+         "vae_decoder": VaeDecoderShim}  # by exporter kind (the spec's meta)
+
+
+def needed(info: Mapping[str, Any], specs: Mapping[str, ComponentSpec]) -> list[str]:
+    """The exported components text-to-image needs (from the family's declaration)."""
+    return family_named(info["family"]).generation_components(specs)
 
 
 def _component_config(tree: Path, name: str) -> dict[str, Any]:
@@ -146,25 +153,39 @@ def _tokenizer(tree: Path, name: str):
 
 def load_pipeline(tree: Path, make_runner: Callable[[str, ComponentSpec], Runner]):
     """diffusers' text-to-image pipeline for the exported tree, each component a shim over make_runner(name, spec)."""
+    import inspect
+
     import diffusers
 
     info, specs = read_tree_info(tree)
-    family = info["family"]
-    missing = [c for c in NEEDED[family] if c not in specs]
+    family = family_named(info["family"])
+    names = needed(info, specs)
+    missing = [c for c in names if c not in specs]
     if missing:
         raise SourceError(f"the export lacks {missing}, which image generation needs",
-                          f"re-export with all of {list(NEEDED[family])}")
-    models = {name: SHIMS[name](make_runner(name, specs[name]), _component_config(tree, name))
-              for name in NEEDED[family]}
+                          f"re-export with all of {names}")
     index = json.loads((tree / "model_index.json").read_text())
-    cls = getattr(diffusers, PIPELINES[family])
-    common = dict(vae=models["vae_decoder"], text_encoder=models["text_encoder"], tokenizer=_tokenizer(tree, "tokenizer"),
-                  unet=models["unet"], scheduler=_scheduler(tree))
-    if family == "sdxl":
-        pipe = cls(**common, text_encoder_2=models["text_encoder_2"], tokenizer_2=_tokenizer(tree, "tokenizer_2"),
-                   force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True), add_watermarker=False)
-    else:
-        pipe = cls(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    kwargs: dict[str, Any] = {"scheduler": _scheduler(tree)}
+    for name in names:
+        kind = specs[name].meta.get("kind")
+        if kind not in SHIMS:
+            raise SourceError(f"no runner shim for {name} (kind {kind!r})", "re-export with this diffprism version")
+        kwargs[family.component(name).source] = SHIMS[kind](make_runner(name, specs[name]),
+                                                            _component_config(tree, name))
+    for tokenizer in family.tokenizers:
+        if (tree / tokenizer).is_dir():
+            kwargs[tokenizer] = _tokenizer(tree, tokenizer)
+    cls = getattr(diffusers, family.pipeline_classes[0])
+    for param in inspect.signature(cls.__init__).parameters:
+        if param in kwargs or param == "self":
+            continue
+        if param in OFF:
+            kwargs[param] = OFF[param]
+        elif param in index and not isinstance(index[param], list):  # a pipeline option, e.g. force_zeros_...
+            kwargs[param] = index[param]
+        elif param in index:  # a model the export does not hold (e.g. an absent optional encoder)
+            kwargs[param] = None
+    pipe = cls(**kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -217,26 +238,25 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def vae_scale(pipe: Any) -> int:
-    return pipe.vae_scale_factor
-
-
-def initial_latents(pipe: Any, request: Request) -> torch.Tensor:
+def initial_latents(geometry: Geometry, request: Request) -> torch.Tensor:
     """Seeded unscaled noise; the pipeline multiplies it by the scheduler's init_noise_sigma itself."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    f = vae_scale(pipe)
+    f = geometry.vae_scale_factor
     if request.height % f or request.width % f:
         raise UsageError(f"image size {request.height}x{request.width} is not a multiple of {f}",
                          f"use a multiple of {f}")
-    shape = (1, pipe.unet.config.in_channels, request.height // f, request.width // f)
+    shape = (1, geometry.latent_channels, request.height // f, request.width // f)
     return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(request.seed), dtype=torch.float32)
 
 
-def generate(pipe: Any, request: Request, latents: torch.Tensor | None = None) -> Generation:
-    """Run a diffusers pipeline (PyTorch or runner-driven) with fixed initial latents; keep the final latents."""
-    if latents is None:
-        latents = initial_latents(pipe, request)
+def tree_latents(tree: Path, request: Request) -> torch.Tensor:
+    return initial_latents(tree_geometry(read_tree_info(tree)[0]), request)
+
+
+def generate(pipe: Any, request: Request, latents: torch.Tensor) -> Generation:
+    """Run a diffusers pipeline (PyTorch or runner-driven) with fixed initial latents (initial_latents);
+    keep the final latents."""
     final: dict[str, torch.Tensor] = {}
 
     def keep(_pipe, _step, _t, kwargs):

@@ -36,7 +36,7 @@ from exporters.errors import ExportError, UsageError
 from exporters.export import REFERENCE_DIR, trace_component
 from exporters.files import staged_dir
 from exporters.spec import Axis, ComponentSpec
-from exporters.tree import read_tree_info
+from exporters.tree import read_geometry, read_tree_info
 from targets.base import Availability, BuildResult, Target, TargetConfig
 
 log = logging.getLogger(__name__)
@@ -84,21 +84,6 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return h, w
 
 
-def vae_scale(specs: dict[str, ComponentSpec], tree: Path) -> int:
-    """Pixels per latent, from a VAE spec's scaled axes or a VAE config in the tree."""
-    for spec in specs.values():
-        for t in (*spec.inputs, *spec.outputs):
-            for a in t.axes:
-                if isinstance(a, Axis) and a.dim == "height" and a.scale > 1:
-                    return a.scale
-    for name in ("vae_decoder", "vae_encoder"):
-        cfg = tree / name / "config.json"
-        if cfg.is_file():
-            return 2 ** (len(json.loads(cfg.read_text())["block_out_channels"]) - 1)
-    raise UsageError("cannot tell the VAE scale factor to turn resolutions into latent sizes",
-                     "export a VAE component too, or use shapes=range")
-
-
 class CoreMlTarget(Target):
     name = "coreml"
     precisions = ("fp16", "fp32")
@@ -139,7 +124,7 @@ class CoreMlTarget(Target):
                              "add --option resolutions=512x512,768x512 (pixels)")
         latent: list[list[int]] = []
         if mode == "enumerated":
-            scale = vae_scale(specs, tree)
+            scale = read_geometry(tree).vae_scale_factor
             for text in config.resolutions or []:
                 h, w = parse_resolution(text)
                 if h % scale or w % scale:

@@ -35,7 +35,7 @@ from exporters.export import ONNX_DIR
 from exporters.files import staged_dir
 from exporters.onnx_writer import ONNX_NAME
 from exporters.spec import Axis, ComponentSpec, Dim
-from exporters.tree import TREE_INFO, read_tree_info, write_tree_info
+from exporters.tree import TREE_INFO, read_geometry, read_tree_info, write_tree_info
 from targets.base import Availability, BuildResult, Target, TargetConfig
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,6 @@ class OpenVinoConfig(TargetConfig):
     # spec's bounded dynamic ranges. `batch` fixes the batch dim the same way.
     static: str | None = None
     batch: int | None = Field(default=None, ge=1)
-    # Pixels per latent for `static`; read from the exported VAE, needed only for an export without one.
-    vae_scale_factor: int | None = Field(default=None, ge=1)
     # int8: components quantized with activations (calibrated); the rest are weight-only int8.
     quantize_activations: list[str] = Field(default_factory=lambda: ["unet"])
     int8_scheme: Literal["hybrid", "full"] = "hybrid"
@@ -85,7 +83,7 @@ class OpenVinoTarget(Target):
         if unknown and config.components is None:
             raise UsageError(f"quantize_activations names {unknown}, not in this export", f"exported: {list(specs)}")
         size = _parse_static(config.static) if config.static else None
-        factor = (config.vae_scale_factor or _vae_scale(specs, tree)) if size else 1
+        factor = read_geometry(tree).vae_scale_factor if size else 1
         components = {}
         for name, spec in specs.items():
             built = _fixed_spec(spec, size, factor, config.batch)
@@ -185,18 +183,6 @@ def _parse_static(text: str) -> tuple[int, int]:
     if not m:
         raise UsageError(f"static size {text!r} is not HEIGHTxWIDTH", "write e.g. --option static=512x512")
     return int(m.group(1)), int(m.group(2))
-
-
-def _vae_scale(specs: dict[str, ComponentSpec], tree: Path) -> int:
-    """Pixels per latent, from any spec with a pixel-space axis (the VAE's images)."""
-    every = {**read_tree_info(tree)[1], **specs} if (tree / TREE_INFO).is_file() else specs
-    for spec in every.values():
-        for t in (*spec.inputs, *spec.outputs):
-            for a in t.axes:
-                if isinstance(a, Axis) and a.dim == "height" and a.scale > 1:
-                    return a.scale
-    raise UsageError("static sizes are in pixels, but this export has no VAE to relate pixels to latents",
-                     "pass --option vae_scale_factor=8 (SD/SDXL), or leave shapes dynamic")
 
 
 def _fixed_spec(spec: ComponentSpec, size: tuple[int, int] | None, factor: int, batch: int | None) -> ComponentSpec:

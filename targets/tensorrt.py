@@ -20,7 +20,7 @@ from typing import Any
 from exporters.errors import SourceError
 from exporters.files import staged_dir, write_bytes_atomic, write_json_atomic
 from exporters.spec import ComponentSpec
-from exporters.tree import read_tree_info
+from exporters.tree import read_geometry, read_tree_info
 from targets.base import Availability, BuildResult, Target, TargetConfig
 from targets.tensorrt_job import build_script
 from targets.tensorrt_plan import (
@@ -82,12 +82,8 @@ class TensorRtTarget(Target):
 
     def plan(self, tree: Path, specs: dict[str, ComponentSpec], config: TargetConfig) -> dict[str, Any]:
         assert isinstance(config, TensorRtConfig)
-        try:
-            _, all_specs = read_tree_info(tree)
-        except SourceError:
-            all_specs = specs
         return make_plan(tree, specs, config, detected_cc=detect_cc(), detected_trt=detect_trt_version(),
-                         all_specs=all_specs)
+                         geometry=read_geometry(tree))
 
     def build(self, plan: dict[str, Any], out: Path) -> BuildResult:
         final = out / plan["dir"]

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 
 from exporters.errors import ShapeError, SourceError, UsageError
 from exporters.export import ONNX_DIR
+from exporters.geometry import Geometry
 from exporters.onnx_writer import ONNX_NAME
 from exporters.spec import POINTS, Axis, ComponentSpec, ShapeRequest
 from targets.base import TargetConfig
@@ -115,16 +116,6 @@ def gpu_tag(cc: int | None, hardware: str) -> str:
 # --- profiles ----------------------------------------------------------------------------
 
 
-def vae_scale(specs: Mapping[str, ComponentSpec]) -> int:
-    """Pixels per latent cell, read from any spec with a scaled axis (the VAE's image side)."""
-    for spec in specs.values():
-        for t in (*spec.inputs, *spec.outputs):
-            for a in t.axes:
-                if isinstance(a, Axis) and a.scale > 1:
-                    return a.scale
-    return 8
-
-
 def dynamic_inputs(spec: ComponentSpec) -> list[str]:
     """Inputs with at least one dynamic axis in the exported ONNX graph (static dims are exported as numbers)."""
     dynamic = {d.name for d in spec.dims if not d.is_static}
@@ -177,7 +168,7 @@ def profiles(spec: ComponentSpec, config: TensorRtConfig, scale: int) -> list[di
 
 def make_plan(tree: Path, specs: Mapping[str, ComponentSpec], config: TensorRtConfig, *,
               detected_cc: int | None = None, detected_trt: str | None = None,
-              all_specs: Mapping[str, ComponentSpec] | None = None) -> dict[str, Any]:
+              geometry: Geometry) -> dict[str, Any]:
     """What would be built, from the specs and the config; `detected_*` describe this machine (None: no GPU/TensorRT)."""
     precision = config.precision
     cc = parse_gpu(config.gpu) if config.gpu else detected_cc
@@ -188,7 +179,7 @@ def make_plan(tree: Path, specs: Mapping[str, ComponentSpec], config: TensorRtCo
     _check_source(out, source, specs, precision)
     tag = gpu_tag(cc, config.hardware_compatibility)
     directory = engine_dir_name(precision, tag, trt_version or UNKNOWN)
-    scale = vae_scale(all_specs or specs)
+    scale = geometry.vae_scale_factor
     timing_cache = config.timing_cache or f"{directory}/{TIMING_CACHE}"
     components = {}
     for name, spec in sorted(specs.items()):  # sorted: the plan and job text do not depend on export order

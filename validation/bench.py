@@ -17,6 +17,7 @@ import numpy as np
 
 from exporters.inputs import make_feed
 from exporters.spec import ComponentSpec
+from exporters.geometry import Geometry
 from runtimes.pipeline import Request, close, generate, initial_latents
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,12 @@ def bench_component(name: str, spec: ComponentSpec, runner_factory: Callable[[],
     return {**summarize(times), "peak_rss_delta_bytes": memory.delta, "runner": describe}
 
 
-def bench_image(pipeline_factory: Callable[[], Any], request: Request, *, runs: int) -> dict[str, Any]:
+def bench_image(pipeline_factory: Callable[[], Any], request: Request, geometry: Geometry, *,
+                runs: int) -> dict[str, Any]:
     with PeakRss() as memory:
         pipe = pipeline_factory()
         try:
-            latents = initial_latents(pipe, request)
+            latents = initial_latents(geometry, request)
             times = time_calls(lambda: generate(pipe, request, latents), 1, runs)
         finally:
             close(pipe)
@@ -108,23 +110,25 @@ def bench_image(pipeline_factory: Callable[[], Any], request: Request, *, runs: 
     return {**summarize(times), "peak_rss_delta_bytes": memory.delta}
 
 
-def _latent_dims(specs: Mapping[str, ComponentSpec], size: tuple[int, int], batch: int) -> dict[str, int]:
-    scale = specs["vae_decoder"].outputs[0].axes[2].scale if "vae_decoder" in specs else 8
-    return {"batch": batch, "height": size[0] // scale, "width": size[1] // scale}
+def _latent_dims(geometry: Geometry, name: str, size: tuple[int, int], batch: int) -> dict[str, int]:
+    """A component's dims for `batch` images of `size` pixels (the denoiser's batch doubles under guidance)."""
+    scale = geometry.vae_scale_factor
+    return {"batch": batch * geometry.batch_factor(name), "height": size[0] // scale, "width": size[1] // scale}
 
 
-def run(specs: Mapping[str, ComponentSpec], rows: Sequence[Any], *, make_runner: Callable[[str, ComponentSpec, Any], Any],
+def run(specs: Mapping[str, ComponentSpec], rows: Sequence[Any], *, geometry: Geometry,
+        make_runner: Callable[[str, ComponentSpec, Any], Any],
         artifact_bytes: Callable[[str, Any], int | None], make_pipeline: Callable[[Any], Any] | None,
-        size: tuple[int, int], steps: int, batch: int = 2, warmup: int = 1, repeat: int = 5, image_runs: int = 2,
+        size: tuple[int, int], steps: int, batch: int = 1, warmup: int = 1, repeat: int = 5, image_runs: int = 2,
         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Bench every component on every row (a placement with a .label; the first row is the baseline).
 
-    A row that cannot run here (backend missing, component not built) is recorded with
-    its error and the run goes on.
+    `batch` counts images. A row that cannot run here (backend missing, component not built) is
+    recorded with its error and the run goes on.
     """
-    dims = _latent_dims(specs, size, batch)
     components: list[dict[str, Any]] = []
     for name, spec in specs.items():
+        dims = _latent_dims(geometry, name, size, batch)
         for row in rows:
             if progress:
                 progress(f"{name} on {row.label}")
@@ -145,7 +149,7 @@ def run(specs: Mapping[str, ComponentSpec], rows: Sequence[Any], *, make_runner:
                 progress(f"image on {row.label}")
             entry = {"target": row.label}
             try:
-                entry.update(bench_image(lambda: make_pipeline(row), request, runs=image_runs))
+                entry.update(bench_image(lambda: make_pipeline(row), request, geometry, runs=image_runs))
             except Exception as exc:
                 entry["error"] = _error(exc)
                 log.warning("bench image on %s: %s", row.label, entry["error"])

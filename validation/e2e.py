@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from exporters.errors import DiffprismError, UsageError
+from exporters.geometry import Geometry
 from runtimes.pipeline import Generation, Request, generate, initial_latents
 from validation.metrics import rel_l2
 
@@ -125,8 +126,8 @@ def requests_for(prompts: Sequence[str], *, size: tuple[int, int], steps: int, s
     return [Request(p, negative_prompt, seed + i, steps, size[0], size[1], guidance_scale) for i, p in enumerate(prompts)]
 
 
-def check_pipeline(reference: Sequence[Generation], pipe: Any, requests: Sequence[Request], *, label: str,
-                   precision: str, placements: dict[str, str],
+def check_pipeline(reference: Sequence[Generation], pipe: Any, requests: Sequence[Request], *, geometry: Geometry,
+                   label: str, precision: str, placements: dict[str, str],
                    on_image: Callable[[int, Generation], str] | None = None) -> tuple[E2EResult, list[Generation]]:
     """Generate each request with `pipe` from the reference's initial latents and judge it against the reference.
 
@@ -136,7 +137,7 @@ def check_pipeline(reference: Sequence[Generation], pipe: Any, requests: Sequenc
     generations: list[Generation] = []
     for i, (request, ref) in enumerate(zip(requests, reference)):
         try:
-            gen = generate(pipe, request, initial_latents(pipe, request))
+            gen = generate(pipe, request, initial_latents(geometry, request))
         except DiffprismError:
             raise
         except Exception as exc:

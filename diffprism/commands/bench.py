@@ -15,7 +15,8 @@ def register(sub) -> None:
     add_components(p)
     p.add_argument("--size", help="N or HxW in pixels (default: the export's preferred size)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps per image (default 10)")
-    p.add_argument("--batch", type=int, default=2, help="component batch (default 2: one image with guidance)")
+    p.add_argument("--batch", type=int, default=1, help="images per call (default 1; the denoiser runs 2 latents "
+                   "per image under guidance)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per component (default 2)")
     p.add_argument("--repeat", type=int, default=10, help="timed runs per component (default 10)")
     p.add_argument("--image-runs", type=int, default=3, help="timed images per variant, after one warm-up (0: none)")

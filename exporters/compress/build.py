@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from exporters.components import EXPORTERS
+from exporters.families import exporter_for
 from exporters.compress import data, distill, prune, qat
 from exporters.errors import UsageError
 from exporters.export import export_component
@@ -38,7 +38,7 @@ def compress_component(pipe: Any, spec: ComponentSpec, method: str, options: Com
     """
     if method not in METHODS:
         raise UsageError(f"unknown compression method '{method}'", f"choose from {', '.join(METHODS)}")
-    exporter = EXPORTERS[spec.name]
+    exporter = exporter_for(pipe, spec.name)
     teacher_module = exporter.module(pipe)
     student_module = copy.deepcopy(teacher_module).float()
     student_module.requires_grad_(True)
@@ -69,8 +69,8 @@ def compress_component(pipe: Any, spec: ComponentSpec, method: str, options: Com
     if method == "qat":  # int8 weights with constant scales from here on (buffers, not parameters)
         details["int8_weights"] = qat.freeze_weights(student_module)
 
-    holder = SimpleNamespace(**{exporter.attribute: student_module})  # export_component reads the component by name
-    export_component(holder, spec, dst, opset)
+    holder = SimpleNamespace(**{exporter.attribute: student_module})  # the student in the pipeline's place
+    export_component(holder, spec, dst, opset, exporter=exporter)
     if method == "qat":
         details["qdq"] = qat.qdq_counts(dst / ONNX_NAME)
     details["export_rel_l2"] = _export_error(student, spec, held_feeds[0], dst / ONNX_NAME)
