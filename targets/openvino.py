@@ -47,7 +47,7 @@ EXTRA = "pip install 'diffprism[openvino]'"
 
 class OpenVinoConfig(TargetConfig):
     # Fixed input size in pixels, "HEIGHTxWIDTH" (OpenVINO runs static shapes faster); None keeps the
-    # spec's bounded dynamic ranges. `batch` fixes the batch dim the same way.
+    # spec's bounded dynamic ranges. `batch` fixes the batch the same way, in images.
     static: str | None = None
     batch: int | None = Field(default=None, ge=1)
     # int8: components quantized with activations (calibrated); the rest are weight-only int8.
@@ -83,10 +83,12 @@ class OpenVinoTarget(Target):
         if unknown and config.components is None:
             raise UsageError(f"quantize_activations names {unknown}, not in this export", f"exported: {list(specs)}")
         size = _parse_static(config.static) if config.static else None
-        factor = read_geometry(tree).vae_scale_factor if size else 1
+        geometry = read_geometry(tree)
+        factor = geometry.vae_scale_factor
         components = {}
-        for name, spec in specs.items():
-            built = _fixed_spec(spec, size, factor, config.batch)
+        for name, spec in specs.items():  # `batch` counts images: the denoiser's is 2x under guidance
+            batch = config.batch * geometry.batch_factor(name) if config.batch else None
+            built = _fixed_spec(spec, size, factor, batch)
             components[name] = {
                 "onnx": str(tree / name / ONNX_NAME),
                 "spec": built.to_json(),

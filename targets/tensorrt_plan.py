@@ -122,11 +122,16 @@ def dynamic_inputs(spec: ComponentSpec) -> list[str]:
     return [t.name for t in spec.inputs if any(isinstance(a, Axis) and a.dim in dynamic for a in t.axes)]
 
 
-def profile_specs(spec: ComponentSpec, config: TensorRtConfig, scale: int) -> list[ComponentSpec]:
-    """One narrowed spec per optimization profile (checked against the exported ranges)."""
+def profile_specs(spec: ComponentSpec, config: TensorRtConfig, scale: int, batch_factor: int = 1
+                  ) -> list[ComponentSpec]:
+    """One narrowed spec per optimization profile (checked against the exported ranges).
+
+    `config.batch` counts images; batch_factor is the component's batch per image (2 for the
+    denoiser under classifier-free guidance, as in TensorRT's diffusion demo)."""
     base = spec
     if config.batch and "batch" in {d.name for d in spec.dims}:
-        base = base.restrict(batch=ShapeRequest.parse_range(config.batch, "batch"))
+        images = ShapeRequest.parse_range(config.batch, "batch")
+        base = base.restrict(batch=tuple(b * batch_factor for b in images))
     names = {d.name for d in spec.dims}
     variants = [base]
     if config.sizes and {"height", "width"} <= names:
@@ -153,11 +158,12 @@ def _latent_range(text: str, spec: ComponentSpec, scale: int) -> tuple[int, int,
     return tuple(px // scale for px in pixels)  # type: ignore[return-value]
 
 
-def profiles(spec: ComponentSpec, config: TensorRtConfig, scale: int) -> list[dict[str, dict[str, list[int]]]]:
+def profiles(spec: ComponentSpec, config: TensorRtConfig, scale: int,
+             batch_factor: int = 1) -> list[dict[str, dict[str, list[int]]]]:
     """[{input: {min, opt, max}}] per profile, for the inputs the ONNX graph leaves dynamic."""
     wanted = dynamic_inputs(spec)
     out = []
-    for narrowed in profile_specs(spec, config, scale):
+    for narrowed in profile_specs(spec, config, scale, batch_factor):
         shapes = narrowed.profile()
         out.append({name: {p: list(shapes[name][p]) for p in POINTS} for name in wanted})
     return out
@@ -186,7 +192,7 @@ def make_plan(tree: Path, specs: Mapping[str, ComponentSpec], config: TensorRtCo
         components[name] = {
             "onnx": f"{source}/{name}/{ONNX_NAME}",
             "engine": f"{name}/{ENGINE_NAME}",  # inside the engine folder
-            "profiles": profiles(spec, config, scale),
+            "profiles": profiles(spec, config, scale, geometry.batch_factor(name)),
         }
     return {
         "format": PLAN_FORMAT,

@@ -108,17 +108,84 @@ def test_requested_ranges_reach_the_spec(pipeline):
     _, specs = plan_specs(pipeline("tiny-sd"), ["unet"], ShapeRequest(batch=(1, 1, 2), image=(32, 64, 96)))
     height = specs["unet"].dim("height")
     assert (height.min, height.opt, height.max) == (16, 32, 48)
-    assert specs["unet"].dim("batch").max == 2
+
+
+def test_batch_counts_images_and_the_denoiser_doubles_under_guidance(pipeline):
+    _, specs = plan_specs(pipeline("tiny-sdxl"), shapes=ShapeRequest(batch=(1, 2, 3)))
+    batch = {name: (s.dim("batch").min, s.dim("batch").opt, s.dim("batch").max) for name, s in specs.items()}
+    assert batch == {"text_encoder": (1, 2, 3), "text_encoder_2": (1, 2, 3), "unet": (2, 4, 6),
+                     "vae_encoder": (1, 2, 3), "vae_decoder": (1, 2, 3)}
+
+
+def test_exporter_kind_follows_the_module_class_not_the_name(pipeline):
+    from types import SimpleNamespace
+
+    from exporters.errors import SourceError
+    from exporters.families import family_of
+
+    sdxl = pipeline("tiny-sdxl")
+    family = family_of(type(sdxl).__name__)
+    kinds = {name: family.exporter(sdxl, name).kind for name in family.names}
+    assert kinds == {"text_encoder": "clip_text", "text_encoder_2": "clip_text_projection", "unet": "unet",
+                     "vae_encoder": "vae_encoder", "vae_decoder": "vae_decoder"}
+    # The same slot holding a plain CLIP encoder gets the plain CLIP exporter.
+    swapped = SimpleNamespace(text_encoder_2=sdxl.text_encoder)
+    assert family.exporter(swapped, "text_encoder_2").kind == "clip_text"
+    # SDXL consumes every hidden state (penultimate layer); SD does not.
+    _, specs = plan_specs(sdxl, ["text_encoder_2"])
+    assert "hidden_states.0" in specs["text_encoder_2"].output_names
+    _, sd_specs = plan_specs(pipeline("tiny-sd"), ["text_encoder"])
+    assert not any(n.startswith("hidden_states") for n in sd_specs["text_encoder"].output_names)
+    with pytest.raises(SourceError, match="no exporter for"):
+        family.exporter(SimpleNamespace(text_encoder=sdxl.vae), "text_encoder")
+
+
+def test_geometry_is_in_the_tree_info(exported, pipeline, copy_export):
+    import json
+
+    from exporters.errors import SourceError
+    from exporters.families import family_of
+    from exporters.geometry import compute
+    from exporters.tree import read_geometry
+
+    pipe = pipeline("tiny-sdxl")
+    geometry = read_geometry(exported("tiny-sdxl") / "onnx")
+    assert geometry == compute(pipe, family_of(type(pipe).__name__))
+    assert (geometry.vae_scale_factor, geometry.latent_channels, geometry.denoiser, geometry.guidance) == (2, 4, "unet", True)
+    assert geometry.scaling_factor == pipe.vae.config.scaling_factor
+    assert set(geometry.max_sequence) == {"text_encoder", "text_encoder_2"}
+    old = copy_export("tiny-sd") / "onnx"
+    info = json.loads((old / "diffprism.json").read_text())
+    del info["geometry"]
+    (old / "diffprism.json").write_text(json.dumps(info))
+    with pytest.raises(SourceError, match="re-run 'diffprism export'"):
+        read_geometry(old)
+
+
+def test_default_references_cover_several_shape_points(exported):
+    out = exported("tiny-sd")
+    _, specs = read_tree_info(out / "onnx")
+    for name, spec in specs.items():
+        cases = reference.load(out / "reference" / f"{name}.npz")
+        shapes = {tuple(v.shape for v in case["inputs"].values()) for case in cases.values()}
+        assert len(shapes) == len(cases) >= 2, (name, list(cases))
+        # static builds at the opt size have a reference to be judged by
+        assert spec.dim_values("opt") in [case["dims"] for case in cases.values()]
+    unet = reference.load(out / "reference" / "unet.npz")
+    small = unet["small"]["inputs"]["sample"].shape
+    assert small[0] == 3 and small[2] < small[3]  # one step up in batch and width: off-square
+    assert max(c["inputs"]["sample"].shape[3] for c in unet.values()) < specs["unet"].dim("width").max
 
 
 def test_references_are_deterministic(exported, pipeline, tmp_path):
-    from exporters.components import EXPORTERS
+    from exporters.families import exporter_for
+    from exporters.spec import select_points
 
     out = exported("tiny-sd")
     _, specs = read_tree_info(out / "onnx")
     spec = specs["vae_decoder"]
-    wrapper = EXPORTERS["vae_decoder"].wrap(pipeline("tiny-sd").vae, spec)
-    reference.save(reference.compute(wrapper, spec), tmp_path / "a.npz")
+    wrapper = exporter_for(pipeline("tiny-sd"), "vae_decoder").wrap(pipeline("tiny-sd").vae, spec)
+    reference.save(reference.compute(wrapper, spec, select_points(spec)), tmp_path / "a.npz")
     assert (tmp_path / "a.npz").read_bytes() == (out / "reference" / "vae_decoder.npz").read_bytes()
     cases = reference.load(tmp_path / "a.npz")
     assert all(np.isfinite(c["outputs"]["sample"]).all() for c in cases.values())

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.components import EXPORTERS
+from exporters.families import exporter_for
+from exporters.geometry import Geometry
 from exporters.errors import SourceError, UsageError
 from exporters.export import ONNX_DIR
 from runtimes.onnxruntime_runner import OnnxRuntimeRunner
@@ -17,6 +18,8 @@ from validation.metrics import rel_l2
 # Small and short: the tiny presets' smallest latent (16) and two guided steps.
 REQUEST = Request("a red cube on a blue table", negative_prompt="blurry", seed=3, steps=2, height=32, width=32,
                   guidance_scale=6.0)
+# Every tiny preset has 4 latent channels and a VAE scale of 2: one set of initial latents serves all.
+LATENTS = initial_latents(Geometry("sd", 2, 4, 8, 32, "unet", "unet", True), REQUEST)
 
 
 def ort_factory(tree):
@@ -30,7 +33,7 @@ def reference(pipeline):
 
     def get(name):
         if name not in cache:
-            cache[name] = generate(pipeline(name), REQUEST)
+            cache[name] = generate(pipeline(name), REQUEST, LATENTS)
         return cache[name]
 
     return get
@@ -41,7 +44,7 @@ def test_onnxruntime_pipeline_matches_pytorch(preset, exported, reference):
     tree = exported(preset) / ONNX_DIR
     pipe = load_pipeline(tree, ort_factory(tree))
     try:
-        gen = generate(pipe, REQUEST)
+        gen = generate(pipe, REQUEST, LATENTS)
         assert {r.backend for r in runners(pipe).values()} == {"onnxruntime"}
     finally:
         close(pipe)
@@ -58,11 +61,11 @@ def test_torch_shims_add_nothing(exported, pipeline, reference):
     source = pipeline("tiny-sd")
 
     def make(name, spec):
-        exporter = EXPORTERS[name]
+        exporter = exporter_for(source, name)
         return TorchRunner(spec, exporter.wrap(exporter.module(source), spec))
 
     pipe = load_pipeline(exported("tiny-sd") / ONNX_DIR, make)
-    gen = generate(pipe, REQUEST)
+    gen = generate(pipe, REQUEST, LATENTS)
     np.testing.assert_array_equal(gen.latents, reference("tiny-sd").latents)
 
 
@@ -72,7 +75,7 @@ def test_openvino_pipeline_matches_pytorch(openvino_tiny_sd, reference):
     artifacts = target.output_dir(out, target.config(precision="fp32"))
     pipe = load_pipeline(tree, lambda name, spec: target.runner(artifacts, spec))
     try:
-        gen = generate(pipe, REQUEST)
+        gen = generate(pipe, REQUEST, LATENTS)
         assert {r.backend for r in runners(pipe).values()} == {"openvino"}
     finally:
         close(pipe)
@@ -88,20 +91,22 @@ def test_mixed_runtimes_per_component(openvino_tiny_sd, reference):
     artifacts = target.output_dir(out, target.config(precision="fp32"))
     ort = ort_factory(tree)
     pipe = load_pipeline(tree, lambda name, spec: target.runner(artifacts, spec) if name == "unet" else ort(name, spec))
-    gen = generate(pipe, REQUEST)
+    gen = generate(pipe, REQUEST, LATENTS)
     assert {n: r.backend for n, r in runners(pipe).items()} == {
         "text_encoder": "onnxruntime", "unet": "openvino", "vae_decoder": "onnxruntime"}
     close(pipe)
     assert rel_l2(reference("tiny-sd").latents, gen.latents) < 1e-3
 
 
-def test_initial_latents_are_seeded_and_checked(pipeline):
-    pipe = pipeline("tiny-sd")
-    a, b = initial_latents(pipe, REQUEST), initial_latents(pipe, REQUEST)
+def test_initial_latents_are_seeded_and_checked(exported):
+    from exporters.tree import read_geometry
+
+    geometry = read_geometry(exported("tiny-sd") / ONNX_DIR)
+    a, b = initial_latents(geometry, REQUEST), initial_latents(geometry, REQUEST)
     assert a.shape == (1, 4, 16, 16) and torch.equal(a, b)
-    assert not torch.equal(a, initial_latents(pipe, Request("x", seed=4, height=32, width=32)))
+    assert not torch.equal(a, initial_latents(geometry, Request("x", seed=4, height=32, width=32)))
     with pytest.raises(UsageError, match="multiple of 2"):
-        initial_latents(pipe, Request("x", height=33, width=32))
+        initial_latents(geometry, Request("x", height=33, width=32))
 
 
 def test_unet_shim_refuses_what_the_export_cannot_take(exported):

@@ -62,9 +62,10 @@ def test_plan_per_precision(exported):
     assert {c["compression"] for c in plan["components"].values()} == {"int4_weights"}
     # Dynamic by default: the spec's bounded ranges (latent 16..64; the VAE encoder's pixels, VAE scale 2).
     shapes = target.plan(tree, specs, target.config(precision="fp32"))["components"]
-    assert shapes["unet"]["shapes"]["sample"] == [[1, 4], 4, [16, 64], [16, 64]]
-    assert shapes["vae_encoder"]["shapes"]["sample"] == [[1, 4], 3, [32, 128], [32, 128]]
-    assert shapes["text_encoder"]["shapes"]["input_ids"] == [[1, 4], 77]
+    # Batch per component: 1..2 images, the UNet 2 latents per image under guidance.
+    assert shapes["unet"]["shapes"]["sample"] == [[2, 4], 4, [16, 64], [16, 64]]
+    assert shapes["vae_encoder"]["shapes"]["sample"] == [[1, 2], 3, [32, 128], [32, 128]]
+    assert shapes["text_encoder"]["shapes"]["input_ids"] == [[1, 2], 77]
 
 
 def test_plan_static_shapes(exported, tmp_path):
@@ -72,15 +73,12 @@ def test_plan_static_shapes(exported, tmp_path):
     specs = read_tree_info(tree)[1]
     target = get_target("openvino")
     comps = target.plan(tree, specs, target.config(precision="fp16", static="64x128", batch=2))["components"]
-    assert comps["unet"]["shapes"]["sample"] == [2, 4, 32, 64]  # pixels / VAE scale 2
+    assert comps["unet"]["shapes"]["sample"] == [4, 4, 32, 64]  # pixels / VAE scale 2; 2 images x 2 (guidance)
     assert comps["vae_encoder"]["shapes"]["sample"] == [2, 3, 64, 128]
     assert comps["vae_decoder"]["shapes"]["latent_sample"] == [2, 4, 32, 64]
-    # An export without a VAE: pixels need the scale factor given explicitly.
-    unet_only = {"unet": specs["unet"]}
-    with pytest.raises(UsageError, match="vae_scale_factor"):
-        target.plan(tmp_path, unet_only, target.config(static="256x256"))
-    comps = target.plan(tmp_path, unet_only, target.config(static="256x256", vae_scale_factor=8))["components"]
-    assert comps["unet"]["shapes"]["sample"] == [[1, 4], 4, 32, 32]
+    # A UNet-only export: the VAE scale comes from the tree's geometry, recorded at export.
+    comps = target.plan(tree, {"unet": specs["unet"]}, target.config(static="128x128"))["components"]
+    assert comps["unet"]["shapes"]["sample"] == [[2, 4], 4, 64, 64]
     with pytest.raises(UsageError, match="HEIGHTxWIDTH"):
         target.plan(tree, specs, target.config(static="512"))
     with pytest.raises(ShapeError, match="outside the exported range"):
@@ -208,14 +206,14 @@ def test_static_int8_build_via_cli(sd, capfd):
     from diffprism.cli import main
 
     code = main(["--json", "compile", str(sd), "--target", "openvino", "--precision", "int8", "--components", "unet",
-                 "--option", "static=64x64", "--option", "batch=2", "--option", "int8_scheme=full"])
+                 "--option", "static=64x64", "--option", "batch=1", "--option", "int8_scheme=full"])
     out = capfd.readouterr().out
     assert code == 0
     doc = json.loads(out)  # NNCF's progress output must not leak into the JSON document
     assert doc["details"]["unet"]["fake_quantize"] > 0
     model = _ir(sd / "openvino-int8", "unet")
     assert all(p.get_partial_shape().is_static for p in model.inputs)
-    assert list(model.input("sample").get_shape()) == [2, 4, 32, 32]
+    assert list(model.input("sample").get_shape()) == [2, 4, 32, 32]  # one image: 2 latents under guidance
     code = main(["--json", "validate", str(sd), "--target", "openvino", "--precision", "int8", "--components", "unet"])
     doc = json.loads(capfd.readouterr().out)
     assert code == 0 and doc["passed"]

@@ -17,12 +17,13 @@ import onnx
 import pytest
 
 from exporters.errors import BackendUnavailable, ShapeError, SourceError, UsageError
+from exporters.tree import read_geometry
 from exporters.tree import read_tree_info
 from runtimes.tensorrt_runner import onnxruntime_tensorrt_providers, select_profile
 from targets.base import get_target
 from targets.tensorrt_job import build_script, trtexec_args
 from targets.tensorrt_plan import (
-    TensorRtConfig, engine_dir_name, engine_ranges, parse_gpu, parse_trt_version, profile_specs, vae_scale,
+    TensorRtConfig, engine_dir_name, engine_ranges, parse_gpu, parse_trt_version, profile_specs,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -114,14 +115,16 @@ def test_profiles_match_onnx_dynamic_dims(exported, preset):
     """Every profile shape fits the exported graph: static axes equal, dynamic axes follow their dim (k*name)."""
     out = exported(preset)
     _, specs = read_tree_info(out / "onnx")
-    scale = vae_scale(specs)
+    geometry = read_geometry(out / "onnx")
+    scale = geometry.vae_scale_factor
     step = 8 * scale  # pixels per latent multiple of 8
     sizes = [f"{2 * step}:{4 * step}:{6 * step}", f"{6 * step}:{8 * step}:{8 * step}"]
     plan = _plan(out, precision="fp16", sizes=sizes)
     for name, component in plan["components"].items():
         graph = _onnx_inputs(out / component["onnx"])
         dynamic = {n for n, dims in graph.items() if any(isinstance(d, str) for d in dims)}
-        narrowed = profile_specs(specs[name], TensorRtConfig(precision="fp16", sizes=sizes), scale)
+        narrowed = profile_specs(specs[name], TensorRtConfig(precision="fp16", sizes=sizes), scale,
+                                 geometry.batch_factor(name))
         assert len(component["profiles"]) == len(narrowed) >= 1
         for shapes, spec in zip(component["profiles"], narrowed):
             assert set(shapes) == dynamic, f"{name}: profiles must cover exactly the dynamic inputs"
@@ -146,25 +149,28 @@ def test_profiles_match_onnx_dynamic_dims(exported, preset):
 
 def test_sizes_give_one_profile_each_and_text_encoders_one(exported):
     out = exported("tiny-sd")
-    scale = vae_scale(read_tree_info(out / "onnx")[1])  # 2 for the tiny VAE
+    scale = read_geometry(out / "onnx").vae_scale_factor  # 2 for the tiny VAE
     plan = _plan(out, precision="fp16", sizes=[f"{16 * scale}:{32 * scale}:{48 * scale}", f"{48 * scale}:{64 * scale}:{64 * scale}"])
     unet = plan["components"]["unet"]["profiles"]
     assert [p["sample"]["min"][2:] for p in unet] == [[16, 16], [48, 48]]
     assert [p["sample"]["opt"][2:] for p in unet] == [[32, 32], [64, 64]]
     assert [p["sample"]["max"][2:] for p in unet] == [[48, 48], [64, 64]]
-    assert unet[0]["encoder_hidden_states"]["max"][0] == 4  # batch range of the export
+    assert unet[0]["encoder_hidden_states"]["max"][0] == 4  # 2 images x 2 under guidance (the export's range)
     assert len(plan["components"]["text_encoder"]["profiles"]) == 1
     decoder = plan["components"]["vae_decoder"]["profiles"]
-    assert decoder[1]["latent_sample"]["max"] == [4, 4, 64, 64]
+    assert decoder[1]["latent_sample"]["max"] == [2, 4, 64, 64]  # the VAE decodes per image
 
 
 def test_batch_and_static_options(exported):
     plan = _plan(exported("tiny-sd"), precision="fp16", batch="1:1:2", static=True)
     (profile,) = plan["components"]["unet"]["profiles"]
-    assert profile["sample"]["min"] == profile["sample"]["opt"] == profile["sample"]["max"] == [1, 4, 32, 32]
+    # batch counts images: the UNet runs 2 latents per image under guidance, the text encoder one prompt
+    assert profile["sample"]["min"] == profile["sample"]["opt"] == profile["sample"]["max"] == [2, 4, 32, 32]
     plan = _plan(exported("tiny-sd"), precision="fp16", batch="1:1:2")
     (profile,) = plan["components"]["unet"]["profiles"]
-    assert profile["timestep"] == {"min": [1], "opt": [1], "max": [2]}
+    assert profile["timestep"] == {"min": [2], "opt": [2], "max": [4]}
+    (text,) = plan["components"]["text_encoder"]["profiles"]
+    assert text["input_ids"] == {"min": [1, 77], "opt": [1, 77], "max": [2, 77]}
 
 
 @pytest.mark.parametrize("options,match", [
@@ -450,7 +456,7 @@ def test_engines_match_pytorch_on_the_same_gpu(copy_export, pipeline):
     import torch
 
     from diffprism.jobs import compile_job, validate_job
-    from exporters.components import EXPORTERS
+    from exporters.families import exporter_for
     from exporters.inputs import make_feed
     from exporters.spec import iter_points
     from runtimes.torch_runner import TorchRunner
@@ -466,7 +472,7 @@ def test_engines_match_pytorch_on_the_same_gpu(copy_export, pipeline):
     pipe = pipeline("tiny-sd")
     tolerance = Policy().tolerance("fp16", "unet")
     for name, spec in specs.items():
-        exporter = EXPORTERS[name]
+        exporter = exporter_for(pipe, name)
         wrapper = exporter.wrap(exporter.module(pipe), spec)
         with TorchRunner(spec, wrapper, device="cuda") as ref, target.runner(result.out_dir, spec) as trt_runner:
             for i, (point, values) in enumerate(iter_points(spec)):
