@@ -23,6 +23,7 @@ COMMANDS = (
     "inspect",
     "compile",
     "calibrate",
+    "compress",
     "build",
     "plan",
     "publish",

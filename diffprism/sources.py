@@ -176,4 +176,10 @@ def load_recorded(info: dict[str, Any], *, allow_pickle: bool = False) -> Source
         return _load_folder(Path(info["path"]), allow_pickle)
     if kind == "hub":
         return _load_hub(info["repo_id"], allow_pickle, info.get("revision"))
+    if kind == "compressed":  # diffprism compress: the base source with the distilled students put in
+        from exporters.compress.transform import load_student
+
+        base = load_recorded(info["base"], allow_pickle=allow_pickle)
+        load_student(base.pipeline, Path(info["path"]), list(info["components"]))
+        return Source("compressed", info["path"], base.pipeline, dict(info))
     raise SourceError("the manifest does not record a loadable source", "re-run 'diffprism export SOURCE --out DIR'")

@@ -6,7 +6,7 @@ import argparse
 from diffprism.commands.common import add_components, add_shapes, out_dir, shapes_from
 from diffprism.jobs import export_job
 from diffprism.lock import folder_lock
-from exporters.spec import REFERENCE_POINTS
+from exporters.spec import DEFAULT_REFERENCE_POINTS, REFERENCE_POINTS
 
 
 def register(sub) -> None:
@@ -18,12 +18,14 @@ def register(sub) -> None:
     add_shapes(p)
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, default 18)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    p.add_argument("--streaming", action="store_true",
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
                    help="trace without weights and stream them from the safetensors files into the ONNX data "
-                   "(memory stays a fraction of the model's size; same bytes as the plain export)")
-    p.add_argument("--reference-points", choices=REFERENCE_POINTS, default="all",
-                   help="shape points of the PyTorch reference outputs: every validation point (min, opt, max, "
-                   "non-square, batch; default) or opt only, which is much quicker on full-size models")
+                   "(memory stays a fraction of the model's size; same bytes as the plain export). Default: "
+                   "streamed for a folder source, with the plain export as the fallback")
+    p.add_argument("--reference-points", choices=REFERENCE_POINTS, default=DEFAULT_REFERENCE_POINTS,
+                   help="shape points of the PyTorch reference outputs: standard (default: min, opt and a small "
+                   "off-square point), all (adds max, non-square and batch points; slow on full-size models) "
+                   "or opt")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled weights (.bin/.ckpt): only for sources you trust")
     p.set_defaults(func=run)

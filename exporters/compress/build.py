@@ -30,12 +30,19 @@ class CompressOptions:
     distill_batch: int = 2  # feeds per step (feeds of equal shape are stacked)
 
 
-def compress_component(pipe: Any, spec: ComponentSpec, method: str, options: CompressOptions, out: Path,
-                       dst: Path, opset: int) -> dict[str, Any]:
-    """Write dst/{model.onnx, model.onnx_data, config.json} for the compressed component; returns its facts.
+@dataclass
+class Student:
+    """A compressed copy of one component, distilled against the original."""
 
-    The source pipeline is not modified: the student is a deep copy of the component.
-    """
+    exporter: Any
+    module: Any
+    wrapper: Any
+    held_feeds: list
+    details: dict[str, Any]
+
+
+def make_student(pipe: Any, spec: ComponentSpec, method: str, options: CompressOptions, out: Path) -> Student:
+    """Compress and distill a deep copy of the component (the source pipeline is not modified)."""
     if method not in METHODS:
         raise UsageError(f"unknown compression method '{method}'", f"choose from {', '.join(METHODS)}")
     exporter = exporter_for(pipe, spec.name)
@@ -68,15 +75,27 @@ def compress_component(pipe: Any, spec: ComponentSpec, method: str, options: Com
     details["parameters_after"] = prune.parameter_count(student_module)
     if method == "qat":  # int8 weights with constant scales from here on (buffers, not parameters)
         details["int8_weights"] = qat.freeze_weights(student_module)
-
-    holder = SimpleNamespace(**{exporter.attribute: student_module})  # the student in the pipeline's place
-    export_component(holder, spec, dst, opset, exporter=exporter)
-    if method == "qat":
-        details["qdq"] = qat.qdq_counts(dst / ONNX_NAME)
-    details["export_rel_l2"] = _export_error(student, spec, held_feeds[0], dst / ONNX_NAME)
+    student_module.requires_grad_(False)
     log.info("%s %s: %d -> %d parameters, held-out error %.4g -> %.4g", method, spec.name,
              details["parameters_before"], details["parameters_after"], report.error_before, report.error_after)
+    return Student(exporter, student_module, student, held_feeds, details)
+
+
+def export_student(student: Student, spec: ComponentSpec, dst: Path, opset: int) -> dict[str, Any]:
+    """Write dst/{model.onnx, model.onnx_data, config.json} for the student; returns its facts."""
+    holder = SimpleNamespace(**{student.exporter.attribute: student.module})  # the student in the pipeline's place
+    export_component(holder, spec, dst, opset, exporter=student.exporter)
+    details = dict(student.details)
+    if details["method"] == "qat":
+        details["qdq"] = qat.qdq_counts(dst / ONNX_NAME)
+    details["export_rel_l2"] = _export_error(student.wrapper, spec, student.held_feeds[0], dst / ONNX_NAME)
     return details
+
+
+def compress_component(pipe: Any, spec: ComponentSpec, method: str, options: CompressOptions, out: Path,
+                       dst: Path, opset: int) -> dict[str, Any]:
+    """Write dst/{model.onnx, model.onnx_data, config.json} for the compressed component; returns its facts."""
+    return export_student(make_student(pipe, spec, method, options, out), spec, dst, opset)
 
 
 def _export_error(student: Any, spec: ComponentSpec, feed: Any, path: Path) -> float:

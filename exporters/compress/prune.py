@@ -8,7 +8,7 @@ dependency is local and exact (see `prune_structured`), so the model gets smalle
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -139,14 +139,21 @@ def _prune_resnet(block: nn.Module, ratio: float) -> bool:
     temb = getattr(block, "time_emb_proj", None)
     if len(idx) == norm.num_channels or (temb is not None and temb.out_features != norm.num_channels):
         return False  # nothing to remove, or scale-shift time embedding (2x channels): left alone
+    _keep_resnet(block, idx)
+    return True
+
+
+def _keep_resnet(block: nn.Module, idx: torch.Tensor) -> None:
+    norm = block.norm2
+    per_group = norm.num_channels // norm.num_groups
     _slice_out(block.conv1, idx)
+    temb = getattr(block, "time_emb_proj", None)
     if temb is not None:
         _slice_out(temb, idx)
     norm.weight = nn.Parameter(norm.weight.detach()[idx].clone())
     norm.bias = nn.Parameter(norm.bias.detach()[idx].clone())
     norm.num_channels, norm.num_groups = len(idx), len(idx) // per_group
     _slice_in(block.conv2, idx)
-    return True
 
 
 def _prune_geglu_ff(ff: nn.Module, ratio: float) -> bool:
@@ -158,9 +165,14 @@ def _prune_geglu_ff(ff: nn.Module, ratio: float) -> bool:
     idx = _keep(scores, ratio)
     if len(idx) == hidden:
         return False
-    _slice_out(proj, torch.cat([idx, idx + hidden]))
-    _slice_in(out, idx)
+    _keep_ff(ff, idx)
     return True
+
+
+def _keep_ff(ff: nn.Module, idx: torch.Tensor) -> None:
+    proj, out = ff.net[0].proj, ff.net[2]
+    _slice_out(proj, torch.cat([idx, idx + out.in_features]))
+    _slice_in(out, idx)
 
 
 def _prune_heads(attn: nn.Module, ratio: float) -> bool:
@@ -180,12 +192,47 @@ def _prune_heads(attn: nn.Module, ratio: float) -> bool:
     idx = _keep(scores, ratio, head_dim)
     if len(idx) == width:
         return False
-    for layer in (q, k, v):
+    _keep_heads(attn, idx, head_dim)
+    return True
+
+
+def _keep_heads(attn: nn.Module, idx: torch.Tensor, head_dim: int) -> None:
+    for layer in (attn.to_q, attn.to_k, attn.to_v):
         _slice_out(layer, idx)
-    _slice_in(out, idx)
+    _slice_in(attn.to_out[0], idx)
     attn.heads = attn.sliceable_head_dim = len(idx) // head_dim
     attn.inner_dim = attn.inner_kv_dim = len(idx)
-    return True
+
+
+def _structured_blocks(module: nn.Module):
+    """(name, kind, block) of every block structured pruning works on."""
+    for name, m in list(module.named_modules()):
+        kind = type(m).__name__
+        if kind == "ResnetBlock2D" and isinstance(getattr(m, "norm2", None), nn.GroupNorm):
+            yield name, "resnet", m
+        elif kind == "FeedForward" and type(m.net[0]).__name__ == "GEGLU":
+            yield name, "feed_forward", m
+        elif kind == "Attention" and hasattr(m, "to_q") and isinstance(getattr(m, "to_out", None), nn.ModuleList):
+            yield name, "attention", m
+
+
+def shrink_to(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Give a freshly built module the widths of a structurally pruned copy, read from the copy's
+    weight shapes (state-dict key -> shape), so the copy's weights load into it. Returns the
+    number of blocks narrowed. Which channels are kept does not matter: the weights replace them."""
+    narrowed = 0
+    for name, kind, m in _structured_blocks(module):
+        p = f"{name}." if name else ""
+        if kind == "resnet" and shapes[p + "conv1.weight"][0] != m.conv1.out_channels:
+            _keep_resnet(m, torch.arange(shapes[p + "conv1.weight"][0]))
+        elif kind == "feed_forward" and shapes[p + "net.2.weight"][1] != m.net[2].in_features:
+            _keep_ff(m, torch.arange(shapes[p + "net.2.weight"][1]))
+        elif kind == "attention" and shapes[p + "to_q.weight"][0] != m.to_q.out_features:
+            _keep_heads(m, torch.arange(shapes[p + "to_q.weight"][0]), m.to_q.out_features // m.heads)
+        else:
+            continue
+        narrowed += 1
+    return narrowed
 
 
 def prune_structured(module: nn.Module, ratio: float) -> dict[str, int]:
@@ -198,14 +245,11 @@ def prune_structured(module: nn.Module, ratio: float) -> dict[str, int]:
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"sparsity {ratio} is outside [0, 1)", "pass a fraction such as sparsity=0.5")
     counts = {"resnet_blocks": 0, "feed_forwards": 0, "attention_blocks": 0}
-    for _, m in list(module.named_modules()):
-        kind = type(m).__name__
-        if kind == "ResnetBlock2D" and isinstance(getattr(m, "norm2", None), nn.GroupNorm):
-            counts["resnet_blocks"] += _prune_resnet(m, ratio)
-        elif kind == "FeedForward" and type(m.net[0]).__name__ == "GEGLU":
-            counts["feed_forwards"] += _prune_geglu_ff(m, ratio)
-        elif kind == "Attention" and hasattr(m, "to_q") and isinstance(getattr(m, "to_out", None), nn.ModuleList):
-            counts["attention_blocks"] += _prune_heads(m, ratio)
+    prune_block = {"resnet": ("resnet_blocks", _prune_resnet), "feed_forward": ("feed_forwards", _prune_geglu_ff),
+                   "attention": ("attention_blocks", _prune_heads)}
+    for _, kind, m in _structured_blocks(module):
+        key, fn = prune_block[kind]
+        counts[key] += fn(m, ratio)
     if not any(counts.values()):
         raise UsageError(f"structured pruning found nothing to prune in {type(module).__name__}",
                          "use structured=false (unstructured pruning works on any Conv/Linear model)")

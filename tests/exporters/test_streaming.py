@@ -84,6 +84,27 @@ def test_export_from_safetensors_never_materialises_weights(exported, saved_tiny
     assert set(result.specs) == {"unet", "vae_decoder"}
 
 
+def test_streamed_export_is_the_default_for_a_folder(exported, saved_tiny_sd, tmp_path, monkeypatch):
+    """export_job on a folder streams by default (same bytes as the plain export); when streaming is not
+    possible it falls back to the plain export and records which one ran."""
+    from diffprism import manifest
+    from diffprism.jobs import export_job
+
+    plain = exported("tiny-sd")
+    export_job(str(saved_tiny_sd), tmp_path / "a", components=["unet", "text_encoder"])
+    assert manifest.load(tmp_path / "a")["stages"]["export"]["streamed"] is True
+    for name in ("unet", "text_encoder"):
+        _same_files(plain / "onnx" / name, tmp_path / "a" / "onnx" / name)
+
+    def unsupported(module, folder):
+        raise streaming.StreamingUnsupported("planted", "export without --streaming")
+
+    monkeypatch.setattr(streaming, "source_for", unsupported)
+    export_job(str(saved_tiny_sd), tmp_path / "b", components=["text_encoder"])
+    assert manifest.load(tmp_path / "b")["stages"]["export"]["streamed"] is False
+    _same_files(plain / "onnx" / "text_encoder", tmp_path / "b" / "onnx" / "text_encoder")
+
+
 def test_safetensors_source_reads_and_converts(saved_tiny_sd):
     source = streaming.SafetensorsSource.from_folder(saved_tiny_sd / "unet")
     key = "conv_in.weight"
