@@ -31,7 +31,7 @@ from tree_rss import run_sampled
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## OpenVINO"
-STATIC = ["--option", "static=512x512", "--option", "batch=2", "--option", "vae_scale_factor=8"]  # UNet-only export
+STATIC = ["--option", "static=512x512", "--option", "batch=1"]  # one image: the UNet's batch 2 under guidance
 # variant -> (compile precision or None, extra options, runner hint)
 VARIANTS = {
     "torch-fp32": (None, [], None),
@@ -82,7 +82,7 @@ def child_build_full(work: Path) -> None:
     from targets.openvino import OpenVinoTarget
 
     target = OpenVinoTarget()
-    config = target.config(precision="int8", static="512x512", batch=2, vae_scale_factor=8, int8_scheme="full")
+    config = target.config(precision="int8", static="512x512", batch=1, int8_scheme="full")
     plan = target.plan(work / "onnx", read_tree_info(work / "onnx")[1], config)
     plan["out_name"] = "openvino-int8-full"
     target.build(plan, work)
@@ -95,13 +95,13 @@ def child_measure(work: Path, variant: str, runs: int) -> None:
         import torch
 
         from diffprism import presets
-        from exporters.components import EXPORTERS
+        from exporters.families import exporter_for
         from exporters.tree import read_tree_info
         from runtimes.torch_runner import TorchRunner
 
         pipe = presets.build("sd15-random")
         spec = read_tree_info(work / "onnx")[1]["unet"]
-        wrapper = EXPORTERS["unet"].wrap(pipe.unet, spec)
+        wrapper = exporter_for(pipe, "unet").wrap(pipe.unet, spec)
         del pipe
         runner = TorchRunner(spec, wrapper)
         torch.set_grad_enabled(False)
