@@ -49,7 +49,9 @@ def test_export_from_folder_validate_and_inspect(saved_folder, tmp_path, capsys)
     code, data = run_json(capsys, "validate", str(out))
     assert code == EXIT_OK and data["passed"] and data["status"] == "numeric"
     points = {(c["component"], c["point"]) for c in data["comparisons"]}
-    assert ("vae_decoder", "min") in points and ("vae_decoder", "max") in points
+    # The standard reference points: min, opt and a small off-square shape.
+    assert {p for c, p in points if c == "vae_decoder"} == {"min", "opt", "small"}
+    assert m["stages"]["export"]["streamed"] is True  # a folder source streams by default
     assert manifest.load(out)["validation"]["onnxruntime-fp32"]["passed"] is True
     assert manifest.verify(out) == []  # the manifest was rewritten after the report
 

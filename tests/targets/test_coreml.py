@@ -181,7 +181,7 @@ def test_inspection_reports_mismatches(built):
     assert not wrong_precision["ok"] and any("float16 weight" in p for p in wrong_precision["problems"])
     wrong_compress = inspect_package(path, specs["text_encoder"], precision="fp16", compress="palettize4")
     assert any("constexpr_lut_to_dense" in p for p in wrong_compress["problems"])
-    narrower = specs["text_encoder"].restrict(batch=(1, 1, 2))
+    narrower = specs["text_encoder"].restrict(batch=(1, 1, 1))
     wrong_shapes = inspect_package(path, narrower, precision="fp16", compress="none")
     assert any("input_ids shapes" in p for p in wrong_shapes["problems"])
 
