@@ -367,7 +367,8 @@ def test_compile_without_tensorrt_writes_a_runnable_build_job(copy_export, tmp_p
         assert not (engines / name / "model.plan.partial").exists()
     assert (engines / "plan.json").is_file()
     unet_call = next(line for line in calls.read_text().splitlines() if "onnx/unet/model.onnx" in line)
-    assert "--profile=0 --minShapes=sample:1x4x16x16" in unet_call and "--profile=1" in unet_call
+    # 1 image: the UNet's 2 latents under guidance
+    assert "--profile=0 --minShapes=sample:2x4x16x16" in unet_call and "--profile=1" in unet_call
     assert "--fp16" in unet_call and f"--timingCacheFile={engines.name}/timing.cache" in unet_call
 
 

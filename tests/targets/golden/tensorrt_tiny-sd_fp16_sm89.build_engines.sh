@@ -62,8 +62,8 @@ build() {  # build <component> <trtexec args...>: write to a temporary name, the
 build text_encoder \
   --onnx=onnx/text_encoder/model.onnx \
   --minShapes=input_ids:1x77 \
-  --optShapes=input_ids:2x77 \
-  --maxShapes=input_ids:4x77 \
+  --optShapes=input_ids:1x77 \
+  --maxShapes=input_ids:2x77 \
   --fp16 \
   --builderOptimizationLevel=3 \
   --timingCacheFile="$TIMING_CACHE" \
@@ -72,11 +72,11 @@ build text_encoder \
 build unet \
   --onnx=onnx/unet/model.onnx \
   --profile=0 \
-  --minShapes=sample:1x4x16x16,timestep:1,encoder_hidden_states:1x77x32 \
+  --minShapes=sample:2x4x16x16,timestep:2,encoder_hidden_states:2x77x32 \
   --optShapes=sample:2x4x32x32,timestep:2,encoder_hidden_states:2x77x32 \
   --maxShapes=sample:4x4x48x48,timestep:4,encoder_hidden_states:4x77x32 \
   --profile=1 \
-  --minShapes=sample:1x4x48x48,timestep:1,encoder_hidden_states:1x77x32 \
+  --minShapes=sample:2x4x48x48,timestep:2,encoder_hidden_states:2x77x32 \
   --optShapes=sample:2x4x64x64,timestep:2,encoder_hidden_states:2x77x32 \
   --maxShapes=sample:4x4x64x64,timestep:4,encoder_hidden_states:4x77x32 \
   --fp16 \
@@ -88,12 +88,12 @@ build vae_decoder \
   --onnx=onnx/vae_decoder/model.onnx \
   --profile=0 \
   --minShapes=latent_sample:1x4x16x16 \
-  --optShapes=latent_sample:2x4x32x32 \
-  --maxShapes=latent_sample:4x4x48x48 \
+  --optShapes=latent_sample:1x4x32x32 \
+  --maxShapes=latent_sample:2x4x48x48 \
   --profile=1 \
   --minShapes=latent_sample:1x4x48x48 \
-  --optShapes=latent_sample:2x4x64x64 \
-  --maxShapes=latent_sample:4x4x64x64 \
+  --optShapes=latent_sample:1x4x64x64 \
+  --maxShapes=latent_sample:2x4x64x64 \
   --fp16 \
   --builderOptimizationLevel=3 \
   --timingCacheFile="$TIMING_CACHE" \
@@ -103,12 +103,12 @@ build vae_encoder \
   --onnx=onnx/vae_encoder/model.onnx \
   --profile=0 \
   --minShapes=sample:1x3x32x32 \
-  --optShapes=sample:2x3x64x64 \
-  --maxShapes=sample:4x3x96x96 \
+  --optShapes=sample:1x3x64x64 \
+  --maxShapes=sample:2x3x96x96 \
   --profile=1 \
   --minShapes=sample:1x3x96x96 \
-  --optShapes=sample:2x3x128x128 \
-  --maxShapes=sample:4x3x128x128 \
+  --optShapes=sample:1x3x128x128 \
+  --maxShapes=sample:2x3x128x128 \
   --fp16 \
   --builderOptimizationLevel=3 \
   --timingCacheFile="$TIMING_CACHE" \

@@ -61,9 +61,9 @@ build() {  # build <component> <trtexec args...>: write to a temporary name, the
 
 build unet \
   --onnx=onnx/unet/model.onnx \
-  --minShapes=sample:1x4x16x16,timestep:1,encoder_hidden_states:1x77x64,text_embeds:1x32,time_ids:1x6 \
-  --optShapes=sample:1x4x32x32,timestep:1,encoder_hidden_states:1x77x64,text_embeds:1x32,time_ids:1x6 \
-  --maxShapes=sample:2x4x64x64,timestep:2,encoder_hidden_states:2x77x64,text_embeds:2x32,time_ids:2x6 \
+  --minShapes=sample:2x4x16x16,timestep:2,encoder_hidden_states:2x77x64,text_embeds:2x32,time_ids:2x6 \
+  --optShapes=sample:2x4x32x32,timestep:2,encoder_hidden_states:2x77x64,text_embeds:2x32,time_ids:2x6 \
+  --maxShapes=sample:4x4x64x64,timestep:4,encoder_hidden_states:4x77x64,text_embeds:4x32,time_ids:4x6 \
   --bf16 \
   --builderOptimizationLevel=5 \
   --memPoolSize=workspace:4096M \
