@@ -24,7 +24,7 @@ from exporters.errors import SourceError, UsageError
 from exporters.families import family_named
 from exporters.geometry import Geometry
 from exporters.spec import ComponentSpec
-from exporters.tree import geometry as tree_geometry, read_tree_info
+from exporters.tree import read_tree_info
 from runtimes.base import Runner
 
 log = logging.getLogger(__name__)
@@ -248,10 +248,6 @@ def initial_latents(geometry: Geometry, request: Request) -> torch.Tensor:
                          f"use a multiple of {f}")
     shape = (1, geometry.latent_channels, request.height // f, request.width // f)
     return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(request.seed), dtype=torch.float32)
-
-
-def tree_latents(tree: Path, request: Request) -> torch.Tensor:
-    return initial_latents(tree_geometry(read_tree_info(tree)[0]), request)
 
 
 def generate(pipe: Any, request: Request, latents: torch.Tensor) -> Generation:
