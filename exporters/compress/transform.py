@@ -15,6 +15,7 @@ int8` builds the pruned model for OpenVINO, as ModelOpt's prune-then-export flow
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -50,10 +51,8 @@ def compress_export(pipe: Any, out: Path, dst: Path, *, transform: str, options:
     `pipe` is the export's source pipeline (unchanged); `components` defaults to the denoiser.
     Distillation feeds come from <out>/calibration if captured there, else <out>/reference.
     """
-    options = options or options_for(transform)
-    method = TRANSFORMS[transform][0] if transform in TRANSFORMS else None
-    if method is None:
-        raise UsageError(f"unknown compression '{transform}'", f"choose from {', '.join(TRANSFORMS)}")
+    options = options or options_for(transform)  # also rejects an unknown transform
+    method = TRANSFORMS[transform][0]
     src = out / ONNX_DIR
     info, specs = tree.read_tree_info(src)
     geometry = tree.geometry(info)
@@ -61,7 +60,7 @@ def compress_export(pipe: Any, out: Path, dst: Path, *, transform: str, options:
     unknown = [n for n in names if n not in specs]
     if unknown:
         raise UsageError(f"component(s) {unknown} are not in this export", f"exported: {list(specs)}")
-    record: dict[str, Any] = {"transform": transform, "method": method, "options": options.__dict__,
+    record: dict[str, Any] = {"transform": transform, "method": method, "options": dataclasses.asdict(options),
                               "from": str(out.resolve()), "components": {}}
     opset = int(info.get("opset", 18))
     with staged_dir(dst / ONNX_DIR) as tree_dir, staged_dir(dst / REFERENCE_DIR) as ref_dir, \
