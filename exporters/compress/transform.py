@@ -51,7 +51,9 @@ def compress_export(pipe: Any, out: Path, dst: Path, *, transform: str, options:
     `pipe` is the export's source pipeline (unchanged); `components` defaults to the denoiser.
     Distillation feeds come from <out>/calibration if captured there, else <out>/reference.
     """
-    options = options or options_for(transform)  # also rejects an unknown transform
+    options = options_for(transform) if options is None else options
+    if transform not in TRANSFORMS:
+        raise UsageError(f"unknown compression '{transform}'", f"choose from {', '.join(TRANSFORMS)}")
     method = TRANSFORMS[transform][0]
     src = out / ONNX_DIR
     info, specs = tree.read_tree_info(src)
