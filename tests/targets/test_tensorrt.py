@@ -405,9 +405,9 @@ def test_select_profile_picks_the_range_that_holds_the_feed(exported):
     ranges = engine_ranges(plan["components"]["unet"])
     feed = {"sample": (2, 4, 32, 32), "timestep": (2,), "encoder_hidden_states": (2, 77, 32)}
     assert select_profile(ranges, feed) == 0
-    feed["sample"] = (1, 4, 64, 56)
+    feed["sample"] = (2, 4, 64, 56)
     assert select_profile(ranges, feed) == 1
-    feed["sample"] = (1, 4, 72, 72)
+    feed["sample"] = (2, 4, 72, 72)
     with pytest.raises(ShapeError, match="no optimization profile"):
         select_profile(ranges, feed, "unet")
 
@@ -421,8 +421,9 @@ def test_onnxruntime_tensorrt_provider_options(exported):
     assert trt["trt_timing_cache_enable"] and trt["trt_max_workspace_size"] == 1024 * 2**20
     # two profiles: the input is repeated once per profile, as ORT's TensorRT EP parses it
     assert trt["trt_profile_min_shapes"] == "latent_sample:1x4x16x16,latent_sample:1x4x48x48"
-    assert trt["trt_profile_opt_shapes"] == "latent_sample:2x4x32x32,latent_sample:2x4x64x64"
-    assert trt["trt_profile_max_shapes"] == "latent_sample:4x4x48x48,latent_sample:4x4x64x64"
+    # the VAE decodes per image: batch 1..2 (the export's default range)
+    assert trt["trt_profile_opt_shapes"] == "latent_sample:1x4x32x32,latent_sample:1x4x64x64"
+    assert trt["trt_profile_max_shapes"] == "latent_sample:2x4x48x48,latent_sample:2x4x64x64"
 
 
 def test_runner_here_says_what_is_missing(copy_export, monkeypatch):
