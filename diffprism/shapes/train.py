@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=800)
     ap.add_argument("--text-steps", type=int, default=300)
-    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--unet-steps", type=int, default=2000)
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--images", type=int, default=8192)
     ap.add_argument("--checkpoint-every", type=int, default=0,

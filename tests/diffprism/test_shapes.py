@@ -12,7 +12,7 @@ from diffprism.shapes import check, scenes
 from exporters.export import ONNX_DIR
 
 # Fixed prompts from the held-out combinations (never seen in training); few steps keep it quick.
-PROMPTS = ("a red square on a white background, top left", "a yellow circle on a blue background, bottom right")
+PROMPTS = ("a black circle on a red background, bottom left", "a blue circle on a red background, bottom right")
 STEPS = 10
 
 
