@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,6 +50,7 @@ def main() -> int:
     ap.add_argument("--guidance-scale", type=float, default=7.5)
     ap.add_argument("--grid", type=Path, help="write PyTorch's images as a labelled grid PNG")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # the machine is shared; one thread is steadier
     _, held_out = scenes.split()
     prompts = [s.caption for s in held_out]
     runners = Runners(args.out)
