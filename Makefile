@@ -19,15 +19,21 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The demo draws with tiny-shapes (trained, shipped with the package) so that the report shows pictures.
+DEMO_PROMPTS := --e2e-prompt "a yellow circle on a blue background, bottom right" \
+	--e2e-prompt "a white triangle on a red background, bottom left" \
+	--e2e-prompt "a blue square on a green background, center"
+DEMO_E2E := --e2e --e2e-steps 12 $(DEMO_PROMPTS)
+
 demo: $(STAMP)
-	$(BIN)/diffprism export tiny-sd --out $(DEMO_OUT)
-	$(BIN)/diffprism validate $(DEMO_OUT) --e2e --e2e-steps 4
+	$(BIN)/diffprism export tiny-shapes --out $(DEMO_OUT)
+	$(BIN)/diffprism validate $(DEMO_OUT) $(DEMO_E2E)
 	$(BIN)/diffprism compile $(DEMO_OUT) --target openvino --precision fp32
-	$(BIN)/diffprism validate $(DEMO_OUT) --target openvino --precision fp32 --e2e --e2e-steps 4
-	$(BIN)/diffprism calibrate $(DEMO_OUT)
+	$(BIN)/diffprism validate $(DEMO_OUT) --target openvino --precision fp32 $(DEMO_E2E)
+	$(BIN)/diffprism calibrate $(DEMO_OUT) --prompts examples/tiny-shapes-prompts.txt --steps 12
 	$(BIN)/diffprism compile $(DEMO_OUT) --target openvino --precision int8
-	$(BIN)/diffprism validate $(DEMO_OUT) --target openvino --precision int8 --e2e --e2e-steps 4
-	$(BIN)/diffprism bench $(DEMO_OUT) --steps 4 --repeat 5 --image-runs 1
+	$(BIN)/diffprism validate $(DEMO_OUT) --target openvino --precision int8 $(DEMO_E2E)
+	$(BIN)/diffprism bench $(DEMO_OUT) --steps 12 --repeat 5 --image-runs 1
 	$(BIN)/diffprism -q report $(DEMO_OUT)
 	@echo "report: $(abspath $(DEMO_OUT))/report/report.html"
 

@@ -1,7 +1,8 @@
-"""Built-in pipelines with seeded random weights, built in-process: no network, nothing downloaded.
+"""Built-in pipelines: no network, nothing downloaded.
 
-Tiny presets serve the demo and tests; full-size ones (sd15-random, sdxl-random) serve
-benchmarks with the real architectures.
+Most are built in-process with seeded random weights: tiny ones serve tests, full-size ones
+(sd15-random, sdxl-random) serve benchmarks with the real architectures. tiny-shapes is
+trained (diffprism/shapes) and shipped as safetensors, so its pictures mean something.
 """
 from __future__ import annotations
 
@@ -160,6 +161,24 @@ def _clip_l(seed: int):
     )
 
 
+SHAPES_DIR = "tiny-shapes"  # under diffprism/assets: a diffusers folder, retrained by diffprism.shapes.train
+
+
+def tiny_shapes(seed: int = 0):
+    """The SD 1.x-style pipeline trained on drawn shapes (32 px); its weights ship with the package,
+    so the seed is unused."""
+    from diffusers import StableDiffusionPipeline
+
+    with resources.as_file(resources.files("diffprism") / "assets" / SHAPES_DIR) as path:
+        if not (path / "model_index.json").is_file():
+            raise SourceError(f"the tiny-shapes weights are missing from {path}",
+                              "reinstall diffprism, or retrain them: python -m diffprism.shapes.train "
+                              "--out diffprism/assets/tiny-shapes")
+        return StableDiffusionPipeline.from_pretrained(
+            path, local_files_only=True, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -174,6 +193,7 @@ PRESETS = {
         Preset("tiny-sd", tiny_sd, "SD 1.x style, tiny, random weights", True),
         Preset("tiny-sd2", tiny_sd2, "SD 2.x style (v-prediction, linear projection), tiny", True),
         Preset("tiny-sdxl", tiny_sdxl, "SDXL style (two text encoders, text_time), tiny", True),
+        Preset("tiny-shapes", tiny_shapes, "SD 1.x style, tiny, trained to draw coloured shapes (32 px)", True),
         Preset("sd15-random", sd15_random, "SD 1.5 architecture, random weights (benchmarks)", False),
         Preset("sdxl-random", sdxl_random, "SDXL architecture, random weights (benchmarks)", False),
     )

@@ -31,13 +31,14 @@ def make_feed(spec: ComponentSpec, point: str | Mapping[str, int] = "opt", seed:
 def trace_values(spec: ComponentSpec) -> dict[str, int]:
     """Dim values for tracing: opt, but never 1 or the min/max edge of a dynamic dim.
 
-    torch.export specialises a dim whose example value is 0 or 1, so a dynamic dim
-    must be traced at a value >= 2.
+    torch.export specialises a symbol whose example value is 0 or 1, and a dim that is a
+    multiple of m is traced as m * symbol, so a dynamic dim is traced at >= 2 * m when its
+    range allows (a pipeline whose default latent is 8 with multiples of 8).
     """
     values = {}
     for d in spec.dims:
         value = d.opt
-        if not d.is_static and value == 1:
-            value = min(d.max, max(2, d.multiple_of))
+        if not d.is_static and value // max(d.multiple_of, 1) < 2:
+            value = min(d.max, max(2, 2 * d.multiple_of))
         values[d.name] = value
     return values

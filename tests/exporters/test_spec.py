@@ -94,3 +94,15 @@ def test_parse_range(text, expected):
 def test_parse_range_rejects(text):
     with pytest.raises(ShapeError):
         ShapeRequest.parse_range(text, "size")
+
+
+def test_trace_values_never_put_a_multiple_symbol_at_one():
+    """torch.export specialises a symbol traced at 1: a latent of 8 in multiples of 8 (tiny-shapes'
+    default) is traced at 16, a batch of 1 at 2, and opt stays where it is already >= 2 multiples."""
+    from exporters.inputs import trace_values
+
+    b, h, w = Axis("batch"), Axis("height"), Axis("width")
+    spec = ComponentSpec("unet", (TensorSpec("sample", "float32", (b, 4, h, w)),),
+                         (TensorSpec("out_sample", "float32", (b, 4, h, w)),),
+                         (Dim("batch", 1, 1, 4), Dim("height", 8, 8, 16, 8), Dim("width", 16, 32, 64, 8)))
+    assert trace_values(spec) == {"batch": 2, "height": 16, "width": 32}
