@@ -11,10 +11,14 @@ the build needs the source pipeline: the compile job reloads it from the export'
 Shapes (`shapes` option):
 - range (default): a RangeDim per dynamic axis, over the spec's min..max. Core ML cannot express
   the spec's "multiple of 8" constraint; feeds are checked against the spec before prediction.
-- enumerated: the listed `resolutions` (pixels, "HxW") x batch min/opt/max.
+- enumerated: the listed `resolutions` (pixels, "HxW") x batch opt/min/max, by coremltools' rules
+  for the deployment target (targets/coreml_convert.enumerate_shapes): below iOS 18 / macOS 15 one
+  enumerated input per model (the UNet's batch is then fixed at opt), from iOS 18 on parallel lists
+  matched by index; what a rule reduced is recorded in details[<component>]["enumerated"]["notes"].
 - static: the spec's opt point.
 If a flexible conversion fails for a component, it is retraced and converted at the static opt
-point; `details[<component>]["fallback"]` records that and why.
+point; `details[<component>]["fallback"]` records that and why, the build's note names the
+component, and the log warns.
 """
 from __future__ import annotations
 
@@ -150,10 +154,11 @@ class CoreMlTarget(Target):
         for name, spec in specs.items():
             entry: dict[str, Any] = {"spec": spec.to_json(), "package": f"{name}.mlpackage"}
             if mode == "enumerated":
-                from targets.coreml_convert import enumerated_points
+                from targets.coreml_convert import enumerate_shapes
 
                 # Components without height/width (text encoders) enumerate their batch sizes only.
-                entry["points"] = enumerated_points(spec, [tuple(x) for x in latent])
+                entry["enumeration"] = enumerate_shapes(spec, [tuple(x) for x in latent],
+                                                        config.minimum_deployment_target)
             components[name] = entry
         info, _ = read_tree_info(tree) if (tree / "diffprism.json").is_file() else ({}, {})
         return {
@@ -221,21 +226,21 @@ class CoreMlTarget(Target):
         from targets.coreml_inspect import inspect_package
 
         start = time.perf_counter()
-        mode, points, fallback = plan["shapes"], entry.get("points"), None
+        mode, enumeration, fallback = plan["shapes"], entry.get("enumeration"), None
         options = dict(precision=plan["precision"], deployment_target=plan["minimum_deployment_target"],
                        compute_units=plan["compute_units"])
         _, program = trace_component(source, spec)
         program = cc.lower(program)
         check = self._check_program(cc, program, spec, out)
         try:
-            model = cc.convert(program, spec, mode=mode, points=points, **options)
+            model = cc.convert(program, spec, mode=mode, enumeration=enumeration, **options)
         except Exception as exc:  # coremltools raises many types for unsupported dynamic graphs
             if mode == "static":
                 raise ExportError(f"Core ML conversion of '{spec.name}' failed: {type(exc).__name__}: "
                                   f"{_first_line(exc)}", "run with -v for the converter log") from exc
             fallback = f"{mode} shapes failed ({type(exc).__name__}: {_first_line(exc)}); converted at the static opt point"
             log.warning("%s: %s", spec.name, fallback)
-            mode, points = "static", None
+            mode, enumeration = "static", None
             del program
             _, program = trace_component(source, cc.static_spec(spec))
             program = cc.lower(program)
@@ -248,9 +253,10 @@ class CoreMlTarget(Target):
         model = cc.compress(model, plan["compress"])
         component_facts = {**facts, "diffprism.component": spec.name, "diffprism.shapes": mode,
                            "diffprism.spec": json.dumps(spec.to_json(), sort_keys=True)}
-        if points:
-            component_facts["diffprism.enumerated"] = json.dumps(points)
-        cc.set_metadata(model, spec, component_facts, mode, points)
+        if enumeration:
+            component_facts["diffprism.enumerated"] = json.dumps(enumeration["points"])
+            component_facts["diffprism.enumerated_inputs"] = json.dumps(enumeration["inputs"])
+        cc.set_metadata(model, spec, component_facts, mode, enumeration)
         model.save(str(path))
         del model, program
         inspection = inspect_package(path, spec, precision=plan["precision"], compress=plan["compress"])
@@ -268,6 +274,10 @@ class CoreMlTarget(Target):
             "palettized_ops": inspection["palettized_ops"],
             "linear8_ops": inspection["linear8_ops"],
         }
+        if enumeration:
+            details["enumerated"] = {"inputs": enumeration["inputs"], "shapes": len(enumeration["points"])}
+            if enumeration["notes"]:
+                details["enumerated"]["notes"] = enumeration["notes"]
         if fallback:
             details["fallback"] = fallback
         log.info("converted %s to Core ML (%s, %s) in %.1fs", spec.name, plan["precision"], mode, details["seconds"])
