@@ -189,14 +189,75 @@ def test_inspection_reports_mismatches(built):
 # -- shapes: enumerated and the static fallback -------------------------------------------
 
 
+def _enumerated(pb, name):
+    feature = next(f for f in pb.description.input if f.name == name)
+    array = feature.type.multiArrayType
+    if array.HasField("enumeratedShapes"):
+        return [tuple(s.shape) for s in array.enumeratedShapes.shapes]
+    assert not array.HasField("shapeRange"), f"{name} has a shape range in an enumerated package"
+    return None  # static
+
+
 def test_enumerated_resolutions(built):
     out, result, specs = built("tiny-sd", ("vae_decoder",), resolutions=("64x64", "32x64"))
     assert result.details["vae_decoder"]["shapes"] == "enumerated"
-    dec = package_spec(result.out_dir / "vae_decoder.mlpackage").description.input[0].type.multiArrayType
-    shapes = {tuple(s.shape) for s in dec.enumeratedShapes.shapes}
+    shapes = _enumerated(package_spec(result.out_dir / "vae_decoder.mlpackage"), "latent_sample")
     scale = specs["vae_decoder"].outputs[0].axes[2].scale
-    assert (2, 4, 64 // scale, 64 // scale) in shapes and (1, 4, 32 // scale, 64 // scale) in shapes
-    assert len(shapes) == 2 * len({specs["vae_decoder"].dim("batch").at(p) for p in ("min", "opt", "max")})
+    batch = specs["vae_decoder"].dim("batch")
+    # one input: sizes x batch opt/min/max, the default (opt batch, first size) first
+    assert shapes[0] == (batch.opt, 4, 64 // scale, 64 // scale) and (batch.min, 4, 32 // scale, 64 // scale) in shapes
+    assert len(shapes) == len(set(shapes)) == 2 * len({batch.at(p) for p in ("min", "opt", "max")})
+
+
+def test_enumerated_unet_below_ios18_enumerates_one_input(built):
+    """Below iOS 18 Core ML takes one enumerated input: the UNet's batch is fixed, only sample varies."""
+    out, result, specs = built("tiny-sd", ("unet",), resolutions=("64x64", "32x64"))
+    details = result.details["unet"]
+    assert details["shapes"] == "enumerated" and "fallback" not in details
+    assert details["enumerated"]["inputs"] == ["sample"] and "batch fixed" in details["enumerated"]["notes"][0]
+    spec, pb = specs["unet"], package_spec(result.out_dir / "unet.mlpackage")
+    b, scale = spec.dim("batch").opt, 2
+    assert _enumerated(pb, "sample") == [(b, 4, 32, 32), (b, 4, 16, 32)] == [(b, 4, 64 // scale, 64 // scale),
+                                                                                (b, 4, 32 // scale, 64 // scale)]
+    assert _enumerated(pb, "timestep") is None and _enumerated(pb, "encoder_hidden_states") is None
+    facts = inspect_package(result.out_dir / "unet.mlpackage", spec, precision="fp16", compress="none")
+    assert facts["ok"], facts["problems"]
+    assert facts["io"]["timestep"] == {"dtype": "float32", "static": [b]}
+
+
+def test_enumerated_unet_ios18_parallel_lists(built):
+    """From iOS 18 every input that varies is enumerated, with as many shapes as points, matched by index."""
+    out, result, specs = built("tiny-sd", ("unet",), resolutions=("64x64", "32x64"),
+                               minimum_deployment_target="macOS15")
+    details = result.details["unet"]
+    assert "fallback" not in details and "notes" not in details["enumerated"]
+    assert details["enumerated"]["inputs"] == ["sample", "timestep", "encoder_hidden_states"]
+    spec, pb = specs["unet"], package_spec(result.out_dir / "unet.mlpackage")
+    batch = spec.dim("batch")
+    batches = list(dict.fromkeys(batch.at(p) for p in ("opt", "min", "max")))
+    points = [(b, hw) for b in batches for hw in ((32, 32), (16, 32))]
+    sample, timestep, hidden = (_enumerated(pb, n) for n in ("sample", "timestep", "encoder_hidden_states"))
+    assert len(sample) == len(timestep) == len(hidden) == len(points)
+    for i, (b, (h, w)) in enumerate(points):  # shape i of each input is point i
+        assert sample[i] == (b, 4, h, w) and timestep[i] == (b,) and hidden[i][0] == b
+    facts = inspect_package(result.out_dir / "unet.mlpackage", spec, precision="fp16", compress="none")
+    assert facts["ok"], facts["problems"]
+
+
+def test_enumeration_rules_without_conversion(exported):
+    """The rules alone: one shape is static, not enumerated; the inspector flags packages that break them."""
+    from targets.coreml_inspect import enumeration_problems
+
+    _, specs = read_tree_info(exported("tiny-sd") / "onnx")
+    one = coreml_convert.enumerate_shapes(specs["unet"].restrict(batch=(2, 2, 2)), [(32, 32)], "macOS14")
+    assert one["inputs"] == [] and len(one["points"]) == 1 and "static" in one["notes"][0]
+    text = coreml_convert.enumerate_shapes(specs["text_encoder"], [(32, 32), (16, 32)], "macOS14")
+    assert text["inputs"] == ["input_ids"] and not text["notes"]  # one input: its batch may vary
+    io = {"sample": {"enumerated": [[2, 4, 8, 8], [1, 4, 8, 8]]}, "timestep": {"enumerated": [[2], [1], [4]]}}
+    problems = enumeration_problems(["sample", "timestep"], io, "macOS14")
+    assert any("takes one" in p for p in problems) and any("different shape counts" in p for p in problems)
+    assert enumeration_problems(["sample"], {"sample": {"enumerated": [[2, 4, 8, 8]]}}, "iOS18") == [
+        "input sample enumerates 1 shape(s); Core ML needs at least two"]
 
 
 def test_static_fallback_is_recorded(exported, pipeline, tmp_path, monkeypatch):
