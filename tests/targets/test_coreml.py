@@ -1,5 +1,5 @@
 """Core ML target: conversion from the torch.export program, flexible shapes, compression, metadata,
-Apple's layout, structural validation here and numeric validation on macOS.
+structural validation here and numeric validation on macOS.
 
 Each (preset, components, options) build happens once per session (`built`); the builds write into
 a private folder that links the session export's onnx/ and reference/.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from diffprism.cli import main  # noqa: E402
 from exporters.errors import BackendUnavailable, ExportError, UsageError  # noqa: E402
 from exporters.tree import read_tree_info  # noqa: E402
 from targets import coreml_convert  # noqa: E402
-from targets.coreml import CoreMlTarget, write_vocabulary  # noqa: E402
+from targets.coreml import CoreMlTarget  # noqa: E402
 from targets.coreml_inspect import inspect_package  # noqa: E402
 
 TINY_SD = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
@@ -310,34 +309,15 @@ def test_plan_is_pure_and_options_are_checked(exported, tmp_path):
         target.build(plan, tmp_path)
 
 
-# -- Apple's Swift loader layout ----------------------------------------------------------
+# -- no Apple Swift loader layout ----------------------------------------------------------
 
 
-def test_apple_names_layout(built):
-    out, result, _ = built("tiny-sd", SMALL, compress="palettize4", apple_names=True)
-    res = result.out_dir / "Resources"
-    assert (res / "TextEncoder.mlpackage" / "Manifest.json").is_file()
-    vocab = json.loads((res / "vocab.json").read_text())
-    assert "<|endoftext|>" in vocab and (res / "merges.txt").read_text().strip()
-    info = result.details["apple_names"]
-    if platform.system() != "Darwin":
-        assert info["mlmodelc"].startswith("skipped") and "xcrun coremlcompiler" in info["mlmodelc"]
-        assert not list(res.glob("*.mlmodelc"))
-
-
-def test_vocabulary_from_a_tokenizer_json_only_folder(exported, tmp_path):
-    tree = tmp_path / "tree"
-    shutil.copytree(exported("tiny-sd") / "onnx" / "tokenizer", tree / "tokenizer")
-    for f in ("vocab.json", "merges.txt"):
-        (tree / "tokenizer" / f).unlink(missing_ok=True)
-    assert (tree / "tokenizer" / "tokenizer.json").is_file()
-    dest = tmp_path / "res"
-    dest.mkdir()
-    write_vocabulary(tree, dest)
-    shipped = Path(__file__).resolve().parents[2] / "diffprism" / "assets" / "tokenizer"
-    assert json.loads((dest / "vocab.json").read_text()) == json.loads((shipped / "vocab.json").read_text())
-    ours = [line for line in (dest / "merges.txt").read_text().splitlines() if not line.startswith("#")]
-    assert ours == [line for line in (shipped / "merges.txt").read_text().splitlines() if not line.startswith("#")]
+def test_no_apple_swift_layout_is_claimed(built):
+    """The packages keep diffusers' I/O, which Apple's Swift loader does not read: no Resources/, no option."""
+    out, result, _ = built("tiny-sd", TINY_SD)
+    assert not (result.out_dir / "Resources").exists() and "apple_names" not in result.details
+    with pytest.raises(UsageError, match="apple_names"):
+        CoreMlTarget().config(apple_names=True)
 
 
 # -- CLI: compile, structural validation --------------------------------------------------
