@@ -123,7 +123,8 @@ class TensorRtTarget(Target):
             write_bytes_atomic(script, build_script(plan).encode())
             script.chmod(0o755)
         details = {name: {"engine": f"{plan['dir']}/{c['engine']}", "built": False, "profiles": len(c["profiles"]),
-                          "gpu": plan["gpu"], "trt_version": plan["trt_version"]}
+                          "gpu": plan["gpu"], "trt_version": plan["trt_version"], "trt_major": plan["trt_major"],
+                          "onnx": c["onnx"]}
                    for name, c in plan["components"].items()}
         rel = final.relative_to(out).as_posix()
         note = (f"engines not built here ({reason}); wrote a build job: run 'bash {rel}/{SCRIPT_FILE}' on a GPU machine "
@@ -146,7 +147,8 @@ class TensorRtTarget(Target):
                 details[name] = {"engine": f"{plan['dir']}/{component['engine']}", "built": True,
                                  "bytes": len(engine), "profiles": len(component["profiles"]),
                                  "gpu": plan["gpu"], "compute_capability": plan["compute_capability"],
-                                 "trt_version": plan["trt_version"]}
+                                 "trt_version": plan["trt_version"], "trt_major": plan["trt_major"],
+                                 "onnx": component["onnx"]}
                 log.info("built TensorRT engine %s (%d bytes)", name, len(engine))
             write_json_atomic(tmp / PLAN_FILE, plan)
             write_bytes_atomic(tmp / SCRIPT_FILE, build_script(plan).encode())

@@ -509,6 +509,7 @@ def test_build_job_refuses_another_tensorrt_major(exported, tmp_path, version, b
     job = tmp_path / "set" / plan["dir"]
     job.mkdir(parents=True)
     (job / "build_engines.sh").write_text(build_script(plan))
+    (job / "plan.json").write_text(json.dumps(plan))
     (tmp_path / "set" / "onnx").symlink_to(exported("tiny-sd") / "onnx", target_is_directory=True)
     _stub_tools(tmp_path / "bin", "8.9", banner)
     result = _run_job(job / "build_engines.sh", tmp_path / "bin")
@@ -618,6 +619,7 @@ def test_runner_here_says_what_is_missing(copy_export, monkeypatch):
     out = copy_export("tiny-sd")
     from diffprism.jobs import compile_job
 
+    compile_job(out, target="onnxruntime", precision="fp16", components=["unet"])
     result = compile_job(out, target="tensorrt", precision="fp16", components=["unet"])
     _, specs = read_tree_info(out / "onnx")
     target = get_target("tensorrt")
@@ -625,7 +627,12 @@ def test_runner_here_says_what_is_missing(copy_export, monkeypatch):
         target.runner(result.out_dir, specs["unet"])
     runner = target.runner(result.out_dir, specs["unet"], runtime="onnxruntime")
     assert runner.providers[0][0] == "TensorrtExecutionProvider"
-    assert runner.model_path == out / "onnx" / "unet" / "model.onnx"
+    assert runner.model_path == out / "onnx-fp16" / "unet" / "model.onnx"  # TensorRT 11: the fp16 graph
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BackendUnavailable, match="did not start TensorrtExecutionProvider"):
+            runner.activate()  # never quietly on CPU while claiming TensorRT
 
 
 # --- on a GPU with TensorRT ------------------------------------------------------------------------
