@@ -560,6 +560,48 @@ def test_select_profile_picks_the_range_that_holds_the_feed(exported):
         select_profile(ranges, feed, "unet")
 
 
+def _fake_trt(set_timing_cache_ok: bool = True):
+    """A stand-in for the tensorrt module that records what the Python-API build asks of it."""
+    from unittest import mock
+
+    trt = mock.MagicMock()
+    builder = trt.Builder.return_value
+    trt.OnnxParser.return_value.parse_from_file.return_value = True
+    builder.build_serialized_network.return_value = b"engine"
+    config = builder.create_builder_config.return_value
+    config.set_timing_cache.return_value = set_timing_cache_ok
+    config.get_timing_cache.return_value.serialize.return_value = b"cache"
+    return trt, config
+
+
+@pytest.mark.parametrize("version,flag", [("10.8.0", "FP16"), ("11.0.0", None)])
+def test_python_api_build_sets_weak_flags_only_on_10(exported, fp16_tree, monkeypatch, version, flag):
+    import targets.tensorrt_build as tensorrt_build
+
+    trt, config = _fake_trt()
+    monkeypatch.setattr(tensorrt_build, "_trt", lambda: trt)
+    plan = _plan(fp16_tree, components=["unet"], precision="fp16", trt_version=version)
+    component = plan["components"]["unet"]
+    engine, cache = tensorrt_build.build_engine(plan, fp16_tree / component["onnx"], component["profiles"], b"")
+    assert (engine, cache) == (b"engine", b"cache")
+    flags = {call.args[0] for call in config.set_flag.call_args_list}
+    assert (trt.BuilderFlag.FP16 in flags) is (flag == "FP16") and trt.BuilderFlag.BF16 not in flags
+    trt.OnnxParser.return_value.parse_from_file.assert_called_once_with(str(fp16_tree / component["onnx"]))
+
+
+def test_python_api_build_refuses_a_rejected_timing_cache(fp16_tree, monkeypatch):
+    import targets.tensorrt_build as tensorrt_build
+
+    trt, _ = _fake_trt(set_timing_cache_ok=False)  # TensorRT says False for a cache from another device
+    monkeypatch.setattr(tensorrt_build, "_trt", lambda: trt)
+    plan = _plan(fp16_tree, components=["unet"], precision="fp16", trt_version="11.0.0")
+    component = plan["components"]["unet"]
+    with pytest.raises(ExportError, match="rejected the timing cache") as err:
+        tensorrt_build.build_engine(plan, fp16_tree / component["onnx"], component["profiles"], b"old")
+    assert "delete that file" in err.value.fix
+    trt.Builder.return_value.build_serialized_network.assert_not_called()
+
+
 class _Context:
     """Stands in for an IExecutionContext: records profile switches."""
 
