@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from exporters.errors import UsageError
-from exporters.spec import Axis, ComponentSpec, TensorSpec
+from exporters.spec import ComponentSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
