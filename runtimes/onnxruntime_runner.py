@@ -1,4 +1,10 @@
-"""ONNX Runtime runner: CPU here; CUDA and TensorRT execution providers when present."""
+"""ONNX Runtime runner: CPU here; CUDA and TensorRT execution providers when present.
+
+ONNX Runtime drops a requested execution provider it cannot start (not in this build, no GPU, a
+TensorRT EP that fails to initialise) with only a warning and runs on the next one, down to CPU.
+The runner reads the providers the session really has, reports those, and refuses a session
+that lacks one it was asked for: a validation must never pass on CPU while saying "TensorRT".
+"""
 from __future__ import annotations
 
 import logging
@@ -33,6 +39,7 @@ class OnnxRuntimeRunner(Runner):
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
         self.threads = threads
         self.session = None
+        self.active_providers: list[str] = []
 
     def _activate(self) -> None:
         try:
@@ -43,7 +50,17 @@ class OnnxRuntimeRunner(Runner):
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads = self.threads
-        self.session = ort.InferenceSession(str(self.model_path), opts, providers=self.providers)
+        session = ort.InferenceSession(str(self.model_path), opts, providers=self.providers)
+        active = session.get_providers()
+        missing = [p for p in requested_names(self.providers) if p not in active]
+        if missing:
+            raise BackendUnavailable(
+                f"ONNX Runtime did not start {', '.join(missing)} for {self.spec.name} (the session runs on "
+                f"{', '.join(active)}; this onnxruntime build offers {', '.join(ort.get_available_providers())})",
+                "install the onnxruntime package with that provider (e.g. onnxruntime-gpu) on a machine that has "
+                "its device and libraries, or validate with the providers that are there",
+            )
+        self.session, self.active_providers = session, active
         self._input_types = {i.name: i.type for i in self.session.get_inputs()}
 
     def _infer(self, feed):
@@ -60,7 +77,14 @@ class OnnxRuntimeRunner(Runner):
         self.session = None
 
     def describe(self):
-        return {"backend": self.backend, "providers": ",".join(self.providers), "model": self.model_path.parent.name}
+        """The providers the session really runs on (after activation); before it, the requested ones."""
+        providers = self.active_providers or requested_names(self.providers)
+        return {"backend": self.backend, "providers": ",".join(providers), "model": self.model_path.parent.name}
+
+
+def requested_names(providers: Sequence) -> list[str]:
+    """Provider names from ORT's `providers` argument (names, or (name, options) pairs)."""
+    return [p if isinstance(p, str) else p[0] for p in providers]
 
 
 # Variant graphs may take half-precision inputs; the feed contract stays float32.

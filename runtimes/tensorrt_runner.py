@@ -2,7 +2,9 @@
 Runtime provider settings that run the ONNX graph on ORT's TensorRT and CUDA execution providers.
 
 An engine holds one optimization profile per planned shape range; the runner keeps one execution
-context per profile and runs each feed on the first profile whose range holds its shapes.
+context and switches it to the first profile whose range holds a feed's shapes. The context
+allocates activation memory ON_PROFILE_CHANGE, so it holds one profile's worth, not the largest
+profile's (as the static default would) nor one context's worth per profile.
 """
 from __future__ import annotations
 
@@ -70,9 +72,24 @@ def onnxruntime_tensorrt_providers(plan: Mapping[str, Any], component: str, cach
     return [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", {"device_id": device_id})]
 
 
-# TensorRT DataType member name -> torch dtype name (looked up lazily: torch and tensorrt are optional here)
-_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
-           "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+# TensorRT DataType member name -> torch dtype name (looked up lazily: torch and tensorrt are optional here).
+# None: TensorRT has the type, but no torch tensor holds it unpacked (INT4 and FP4 pack two values a byte,
+# E8M0 is a block scale), so it cannot be an engine input or output diffprism feeds.
+DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+          "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8_e4m3fn",
+          "INT4": None, "FP4": None, "E8M0": None}
+
+
+def torch_dtype_name(trt_dtype: str, tensor: str) -> str:
+    """The torch dtype for an engine I/O tensor of TensorRT type `trt_dtype`, or a clear error."""
+    if trt_dtype not in DTYPES:
+        raise ExportError(f"engine tensor {tensor} has TensorRT type {trt_dtype}, which this runner does not know",
+                          "keep the engine's inputs and outputs float32/float16/int (quantize inside the graph)")
+    name = DTYPES[trt_dtype]
+    if name is None:
+        raise ExportError(f"engine tensor {tensor} is {trt_dtype}, a packed type no torch tensor holds",
+                          "keep the engine's inputs and outputs float32/float16/int (quantize inside the graph)")
+    return name
 
 
 class TensorRtRunner(Runner):
@@ -86,7 +103,8 @@ class TensorRtRunner(Runner):
         self.version_compatible = version_compatible
         self.refit_from = refit_from  # weight-stripped engines get their weights from the ONNX graph
         self.engine = None
-        self.contexts: list[Any] = []
+        self.context: Any = None
+        self.profile = -1  # the context's current optimization profile
         self.ranges: list[dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = []
 
     def _activate(self) -> None:
@@ -121,21 +139,30 @@ class TensorRtRunner(Runner):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.dtypes = {n: getattr(torch, _DTYPES[engine.get_tensor_dtype(n).name]) for n in names}
-        self.ranges, self.contexts = [], []
+        self.dtypes = {n: getattr(torch, torch_dtype_name(engine.get_tensor_dtype(n).name, n)) for n in names}
+        self.ranges = []
         for index in range(engine.num_optimization_profiles):
             shapes = {n: engine.get_tensor_profile_shape(n, index) for n in self.inputs}
             self.ranges.append({n: (tuple(s[0]), tuple(s[2])) for n, s in shapes.items()})
-            context = engine.create_execution_context()
-            if not context.set_optimization_profile_async(index, self.stream.cuda_stream):
+        self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE)
+        if self.context is None:
+            raise ExportError(f"could not create an execution context for {self.engine_path}",
+                              "the GPU may be out of memory; free it or run fewer models at once")
+        self.profile = -1
+
+    def use_profile(self, shapes: Mapping[str, Sequence[int]]) -> Any:
+        """The context, switched to the first profile that holds `shapes` (switching only when it changes)."""
+        index = select_profile(self.ranges, shapes, self.spec.name)
+        if index != self.profile:
+            if not self.context.set_optimization_profile_async(index, self.stream.cuda_stream):
                 raise ExportError(f"could not select optimization profile {index} of {self.engine_path}")
-            self.contexts.append(context)
-        self.stream.synchronize()
+            self.profile = index
+        return self.context
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         shapes = {n: feed[n].shape for n in self.inputs}
-        context = self.contexts[select_profile(self.ranges, shapes, self.spec.name)]
+        context = self.use_profile(shapes)
         keep = []  # device tensors must live until the stream is done
         with torch.cuda.stream(self.stream):
             for name in self.inputs:
@@ -156,7 +183,7 @@ class TensorRtRunner(Runner):
         return {n: (o.float() if o.is_floating_point() else o).cpu().numpy() for n, o in outputs.items()}
 
     def _deactivate(self) -> None:
-        self.contexts, self.engine = [], None
+        self.context, self.engine, self.profile = None, None, -1
 
     def describe(self) -> dict[str, str]:
         info = {"backend": self.backend, "device": self.device, "engine": self.engine_path.parent.parent.name}

@@ -1,9 +1,9 @@
 """Core ML target: each component's torch.export program -> an ML program package (.mlpackage).
 
-<out>/coreml-<precision>[-<compress>]/<component>.mlpackage, optionally with Resources/ holding
-the file names Apple's Swift StableDiffusion loader looks for (TextEncoder, TextEncoder2, Unet,
-VAEDecoder, VAEEncoder + vocab.json, merges.txt). Packages are compiled to .mlmodelc only where
-`xcrun coremlcompiler` exists (macOS with Xcode); elsewhere that step is skipped and recorded.
+<out>/coreml-<precision>[-<compress>]/<component>.mlpackage, with diffusers' tensor names and layouts.
+These packages are not laid out for Apple's Swift StableDiffusion package: its loader opens compiled
+.mlmodelc files, feeds Float32 token ids, passes encoder_hidden_states as (B, 768, 1, 77) and reads
+SDXL's second encoder as hidden_embeds/pooled_outputs, none of which diffprism produces.
 
 Conversion starts from the same trace as the ONNX export (coremltools no longer reads ONNX), so
 the build needs the source pipeline: the compile job reloads it from the export's manifest.
@@ -11,19 +11,19 @@ the build needs the source pipeline: the compile job reloads it from the export'
 Shapes (`shapes` option):
 - range (default): a RangeDim per dynamic axis, over the spec's min..max. Core ML cannot express
   the spec's "multiple of 8" constraint; feeds are checked against the spec before prediction.
-- enumerated: the listed `resolutions` (pixels, "HxW") x batch min/opt/max.
+- enumerated: the listed `resolutions` (pixels, "HxW") x batch opt/min/max, by coremltools' rules
+  for the deployment target (targets/coreml_convert.enumerate_shapes): below iOS 18 / macOS 15 one
+  enumerated input per model (the UNet's batch is then fixed at opt), from iOS 18 on parallel lists
+  matched by index; what a rule reduced is recorded in details[<component>]["enumerated"]["notes"].
 - static: the spec's opt point.
 If a flexible conversion fails for a component, it is retraced and converted at the static opt
-point; `details[<component>]["fallback"]` records that and why.
+point; `details[<component>]["fallback"]` records that and why, the build's note names the
+component, and the log warns.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
-import shutil
-import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
@@ -44,9 +44,6 @@ log = logging.getLogger(__name__)
 EXTRA = "pip install 'diffprism[coreml]'"
 COMPRESSIONS = ("none", "linear8", "palettize4", "palettize6")
 DEPLOYMENT_TARGETS = ("macOS13", "macOS14", "macOS15", "iOS16", "iOS17", "iOS18")
-APPLE_NAMES = {"text_encoder": "TextEncoder", "text_encoder_2": "TextEncoder2", "unet": "Unet",
-               "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder"}
-RESOURCES = "Resources"
 PROGRAM_CHECK_REL_L2 = 1e-3  # the lowered program must match the stored PyTorch reference this closely
 
 
@@ -57,7 +54,6 @@ class CoreMlConfig(TargetConfig):
     minimum_deployment_target: str = "macOS14"
     shapes: Literal["range", "enumerated", "static"] = "range"
     resolutions: list[str] | None = None  # pixels "HxW"; implies shapes=enumerated
-    apple_names: bool = False  # also write Resources/ for Apple's Swift StableDiffusion loader
 
     @field_validator("minimum_deployment_target")
     @classmethod
@@ -135,10 +131,11 @@ class CoreMlTarget(Target):
         for name, spec in specs.items():
             entry: dict[str, Any] = {"spec": spec.to_json(), "package": f"{name}.mlpackage"}
             if mode == "enumerated":
-                from targets.coreml_convert import enumerated_points
+                from targets.coreml_convert import enumerate_shapes
 
                 # Components without height/width (text encoders) enumerate their batch sizes only.
-                entry["points"] = enumerated_points(spec, [tuple(x) for x in latent])
+                entry["enumeration"] = enumerate_shapes(spec, [tuple(x) for x in latent],
+                                                        config.minimum_deployment_target)
             components[name] = entry
         info, _ = read_tree_info(tree) if (tree / "diffprism.json").is_file() else ({}, {})
         return {
@@ -149,7 +146,6 @@ class CoreMlTarget(Target):
             "minimum_deployment_target": config.minimum_deployment_target,
             "shapes": mode,
             "resolutions": config.resolutions,
-            "apple_names": config.apple_names,
             "tree": str(tree),
             "source": info.get("source", {}),
             "family": info.get("family"),
@@ -173,8 +169,6 @@ class CoreMlTarget(Target):
                 spec = ComponentSpec.from_json(entry["spec"])
                 result.details[name] = self._build_component(cc, source, spec, entry, plan, facts, out,
                                                              stage / entry["package"])
-            if plan["apple_names"]:
-                result.details["apple_names"] = self._apple_layout(stage, plan)
         result.files = sorted(p for p in final.rglob("*") if p.is_file())
         fallbacks = [n for n, d in result.details.items() if isinstance(d, dict) and d.get("fallback")]
         result.note = ("packages converted and checked structurally; Core ML predictions need macOS"
@@ -206,21 +200,21 @@ class CoreMlTarget(Target):
         from targets.coreml_inspect import inspect_package
 
         start = time.perf_counter()
-        mode, points, fallback = plan["shapes"], entry.get("points"), None
+        mode, enumeration, fallback = plan["shapes"], entry.get("enumeration"), None
         options = dict(precision=plan["precision"], deployment_target=plan["minimum_deployment_target"],
                        compute_units=plan["compute_units"])
         _, program = trace_component(source, spec)
         program = cc.lower(program)
         check = self._check_program(cc, program, spec, out)
         try:
-            model = cc.convert(program, spec, mode=mode, points=points, **options)
+            model = cc.convert(program, spec, mode=mode, enumeration=enumeration, **options)
         except Exception as exc:  # coremltools raises many types for unsupported dynamic graphs
             if mode == "static":
                 raise ExportError(f"Core ML conversion of '{spec.name}' failed: {type(exc).__name__}: "
                                   f"{_first_line(exc)}", "run with -v for the converter log") from exc
             fallback = f"{mode} shapes failed ({type(exc).__name__}: {_first_line(exc)}); converted at the static opt point"
             log.warning("%s: %s", spec.name, fallback)
-            mode, points = "static", None
+            mode, enumeration = "static", None
             del program
             _, program = trace_component(source, cc.static_spec(spec))
             program = cc.lower(program)
@@ -233,9 +227,10 @@ class CoreMlTarget(Target):
         model = cc.compress(model, plan["compress"])
         component_facts = {**facts, "diffprism.component": spec.name, "diffprism.shapes": mode,
                            "diffprism.spec": json.dumps(spec.to_json(), sort_keys=True)}
-        if points:
-            component_facts["diffprism.enumerated"] = json.dumps(points)
-        cc.set_metadata(model, spec, component_facts, mode, points)
+        if enumeration:
+            component_facts["diffprism.enumerated"] = json.dumps(enumeration["points"])
+            component_facts["diffprism.enumerated_inputs"] = json.dumps(enumeration["inputs"])
+        cc.set_metadata(model, spec, component_facts, mode, enumeration)
         model.save(str(path))
         del model, program
         inspection = inspect_package(path, spec, precision=plan["precision"], compress=plan["compress"])
@@ -253,6 +248,10 @@ class CoreMlTarget(Target):
             "palettized_ops": inspection["palettized_ops"],
             "linear8_ops": inspection["linear8_ops"],
         }
+        if enumeration:
+            details["enumerated"] = {"inputs": enumeration["inputs"], "shapes": len(enumeration["points"])}
+            if enumeration["notes"]:
+                details["enumerated"]["notes"] = enumeration["notes"]
         if fallback:
             details["fallback"] = fallback
         log.info("converted %s to Core ML (%s, %s) in %.1fs", spec.name, plan["precision"], mode, details["seconds"])
@@ -272,28 +271,6 @@ class CoreMlTarget(Target):
                               f"(relative L2 {rel:.2e})", "the source changed since export: re-run 'diffprism export'")
         return float(f"{rel:.3e}")
 
-    def _apple_layout(self, stage: Path, plan: dict[str, Any]) -> dict[str, Any]:
-        """Resources/ with Apple's file names; .mlmodelc only where xcrun coremlcompiler exists."""
-        res = stage / RESOURCES
-        res.mkdir()
-        names = {}
-        for name, entry in plan["components"].items():
-            if name in APPLE_NAMES:
-                shutil.copytree(stage / entry["package"], res / f"{APPLE_NAMES[name]}.mlpackage", copy_function=os.link)
-                names[name] = APPLE_NAMES[name]
-        write_vocabulary(Path(plan["tree"]), res)
-        info: dict[str, Any] = {"dir": RESOURCES, "names": names,
-                                "layout_note": "Apple's file names; its Swift pipeline also expects its own tensor "
-                                               "layouts, which these packages do not change"}
-        if shutil.which("xcrun") and platform.system() == "Darwin":
-            for apple in names.values():
-                subprocess.run(["xcrun", "coremlcompiler", "compile", str(res / f"{apple}.mlpackage"), str(res)],
-                               check=True, capture_output=True)
-            info["mlmodelc"] = "compiled with xcrun coremlcompiler"
-        else:
-            info["mlmodelc"] = "skipped: compiling to .mlmodelc needs xcrun coremlcompiler (macOS with Xcode)"
-        return info
-
     # -- validation ----------------------------------------------------------------------------
     def runner(self, artifact_dir: Path, spec: ComponentSpec, **options: Any):
         from runtimes.coreml_runner import CoreMlRunner
@@ -311,27 +288,6 @@ class CoreMlTarget(Target):
             raise SourceError(f"no Core ML package for '{spec.name}' at {path}",
                               f"run 'diffprism compile DIR --target coreml --precision {config.precision}' first")
         return inspect_package(path, spec, precision=config.precision, compress=config.compress)
-
-
-def write_vocabulary(tree: Path, dest: Path) -> None:
-    """vocab.json and merges.txt of the first tokenizer (Apple's loader reads these, not tokenizer.json)."""
-    folder = tree / "tokenizer"
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        for f in ("vocab.json", "merges.txt"):
-            shutil.copyfile(folder / f, dest / f)
-        return
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-    except Exception as exc:  # missing or unreadable tokenizer folder
-        raise ExportError(f"cannot read the tokenizer at {folder}: {_first_line(exc)}",
-                          "re-run 'diffprism export' so the tree has tokenizer/") from exc
-    model = getattr(getattr(tok, "backend_tokenizer", None), "model", None)
-    written = model.save(str(dest)) if hasattr(model, "save") else []  # a BPE model writes vocab.json, merges.txt
-    if not all((dest / f).is_file() for f in ("vocab.json", "merges.txt")):
-        raise ExportError(f"the tokenizer at {folder} wrote {written}, not vocab.json and merges.txt",
-                          "use a CLIP BPE tokenizer")
 
 
 def _first_line(exc: BaseException) -> str:

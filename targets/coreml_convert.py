@@ -19,7 +19,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from exporters.spec import Axis, ComponentSpec, TensorSpec
+from exporters.errors import UsageError
+from exporters.spec import ComponentSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -64,34 +65,83 @@ def coreml_dtype(tensor: TensorSpec) -> type:
     return np.int32 if np.dtype(tensor.dtype).kind in "iu" else np.float32
 
 
-def enumerated_points(spec: ComponentSpec, latent_sizes: Iterable[tuple[int, int]]) -> list[dict[str, int]]:
-    """Dim values for enumerated shapes: each listed (height, width) latent size x batch min/opt/max."""
-    batches = sorted({spec.dim("batch").at(p) for p in ("min", "opt", "max")}) if _has(spec, "batch") else [None]
-    points = []
-    for (h, w), b in itertools.product(latent_sizes, batches):
-        values = spec.dim_values("opt")
+# Deployment targets from which Core ML takes several enumerated inputs (coremltools: iOS 18 = macOS 15).
+MULTI_ENUMERATED = ("macOS15", "iOS18")
+
+
+def enumerate_shapes(spec: ComponentSpec, latent_sizes: Iterable[tuple[int, int]],
+                     deployment_target: str) -> dict[str, Any]:
+    """Enumerated shapes that follow coremltools' rules for `deployment_target`.
+
+    Returns {"points": [dim values], "inputs": [enumerated input names], "notes": [what was reduced]}.
+    Shape i of every enumerated input belongs to point i; the other inputs are static.
+    - An EnumeratedShapes needs at least two shapes: with fewer points, every input is static.
+    - Below iOS 18 / macOS 15 only one input may be enumerated. When several would vary (the UNet:
+      sample, timestep and encoder_hidden_states all carry the batch), the batch is fixed at its opt
+      value so only the latent input varies, and a note says so.
+    - From iOS 18 on every enumerated input needs the same number of shapes, matched by index: the
+      lists run in parallel, in point order, duplicates kept. coremltools moves each input's default
+      shape to the front, so the default point comes first and the points run batch by batch, which
+      keeps every default shape a prefix of its list and the lists aligned.
+    """
+    sizes = list(dict.fromkeys(tuple(s) for s in latent_sizes))
+    batch = spec.dim("batch") if _has(spec, "batch") else None
+    batches = list(dict.fromkeys(batch.at(p) for p in ("opt", "min", "max"))) if batch else [None]
+    notes: list[str] = []
+    points = _points(spec, sizes, batches)
+    varying = _varying(spec, points)
+    if len(varying) > 1 and deployment_target not in MULTI_ENUMERATED:
+        points = _points(spec, sizes, batches[:1])
+        notes.append(f"batch fixed at {batches[0]}: below iOS 18 / macOS 15 Core ML allows one enumerated input, "
+                     f"and {', '.join(varying)} all vary (use minimum_deployment_target=macOS15 or iOS18 for all)")
+        varying = _varying(spec, points)
+        if len(varying) > 1:
+            raise UsageError(f"{spec.name}: {', '.join(varying)} vary with the resolution, and below iOS 18 / "
+                             "macOS 15 Core ML allows one enumerated input",
+                             "use minimum_deployment_target=macOS15 or iOS18, or shapes=range")
+    if len(points) < 2:
+        notes.append("one shape to enumerate: every input is static at it (an enumerated input needs two)")
+        varying = []
+    for name in varying:
+        shapes = [spec.shape(spec.input(name), p) for p in points]
+        first = [s == shapes[0] for s in shapes]
+        if first != sorted(first, reverse=True):  # coremltools would reorder this list: indices would not match
+            raise UsageError(f"{spec.name}.{name}: its enumerated shapes cannot stay aligned with the other inputs'",
+                             "enumerate fewer resolutions or use shapes=range")
+    return {"points": points, "inputs": varying, "notes": notes}
+
+
+def _points(spec: ComponentSpec, sizes: list[tuple[int, int]], batches: list[int | None]) -> list[dict[str, int]]:
+    """Dim values, batch by batch (opt first), then size by size (the first listed first)."""
+    points: list[dict[str, int]] = []
+    for b, (h, w) in itertools.product(batches, sizes):
         overrides = {k: v for k, v in (("height", h), ("width", w), ("batch", b)) if v is not None and _has(spec, k)}
-        values.update(spec.dim_values(overrides) if overrides else {})
-        if values not in points:
+        values = spec.dim_values(overrides)
+        if values not in points:  # a text encoder has no height/width: the sizes collapse
             points.append(values)
     return points
+
+
+def _varying(spec: ComponentSpec, points: list[dict[str, int]]) -> list[str]:
+    return [t.name for t in spec.inputs if len({spec.shape(t, p) for p in points}) > 1]
 
 
 def _has(spec: ComponentSpec, dim: str) -> bool:
     return any(d.name == dim for d in spec.dims)
 
 
-def input_types(spec: ComponentSpec, mode: str, points: list[dict[str, int]] | None = None) -> list[Any]:
+def input_types(spec: ComponentSpec, mode: str, enumeration: Mapping[str, Any] | None = None) -> list[Any]:
     import coremltools as ct
 
     types = []
-    opt = spec.dim_values("opt")
     for t in spec.inputs:
-        if mode == "enumerated" and points and any(isinstance(a, Axis) for a in t.axes):
-            shapes = [spec.shape(t, p) for p in points]
-            unique = list(dict.fromkeys(shapes))
-            default = spec.shape(t, opt) if spec.shape(t, opt) in unique else unique[0]
-            shape: Any = ct.EnumeratedShapes(shapes=[list(s) for s in unique], default=list(default))
+        if mode == "enumerated":
+            points = enumeration["points"]  # the first point is every input's default
+            if t.name in enumeration["inputs"]:
+                shape: Any = ct.EnumeratedShapes(shapes=[list(spec.shape(t, p)) for p in points],
+                                                 default=list(spec.shape(t, points[0])))
+            else:
+                shape = ct.Shape(list(spec.shape(t, points[0])))
         else:
             dims = []
             for a in t.axes:
@@ -110,13 +160,13 @@ def input_types(spec: ComponentSpec, mode: str, points: list[dict[str, int]] | N
 
 
 def convert(program: torch.export.ExportedProgram, spec: ComponentSpec, *, precision: str, mode: str,
-            deployment_target: str, compute_units: str, points: list[dict[str, int]] | None = None) -> Any:
+            deployment_target: str, compute_units: str, enumeration: Mapping[str, Any] | None = None) -> Any:
     """One ML program from a lowered program; fp32 inputs/outputs whatever the compute precision."""
     import coremltools as ct
 
     return ct.convert(
         program,
-        inputs=input_types(spec, mode, points),
+        inputs=input_types(spec, mode, enumeration),
         outputs=[ct.TensorType(name=o.name, dtype=np.float32) for o in spec.outputs],
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
@@ -140,11 +190,13 @@ def compress(model: Any, kind: str) -> Any:
     return cto.palettize_weights(model, cto.OptimizationConfig(global_config=op))
 
 
-def describe_tensor(spec: ComponentSpec, tensor: TensorSpec, mode: str, points: list[dict[str, int]] | None) -> str:
+def describe_tensor(spec: ComponentSpec, tensor: TensorSpec, mode: str, enumeration: Mapping[str, Any] | None) -> str:
     """Human description of a tensor's dtype and shape, written into the package."""
     dtype = "int32 (int64 token ids, cast)" if coreml_dtype(tensor) is np.int32 and tensor.dtype != "int32" else "float32"
-    if mode == "enumerated" and points:
-        shapes = list(dict.fromkeys(spec.shape(tensor, p) for p in points))
+    if mode == "enumerated":
+        shapes = list(dict.fromkeys(spec.shape(tensor, p) for p in enumeration["points"]))
+        if len(shapes) == 1:
+            return f"{dtype}, {'x'.join(map(str, shapes[0]))}"
         return f"{dtype}, one of {['x'.join(map(str, s)) for s in shapes]}"
     parts = []
     for a in tensor.axes:
@@ -169,7 +221,7 @@ def io_names(model: Any, spec: ComponentSpec) -> dict[str, str]:
 
 
 def set_metadata(model: Any, spec: ComponentSpec, facts: Mapping[str, str], mode: str,
-                 points: list[dict[str, int]] | None) -> None:
+                 enumeration: Mapping[str, Any] | None) -> None:
     """Author, description, version and diffprism.* user metadata (what, from where, built how)."""
     names = io_names(model, spec)
     model.user_defined_metadata["diffprism.io_names"] = json.dumps(names, sort_keys=True)
@@ -181,9 +233,9 @@ def set_metadata(model: Any, spec: ComponentSpec, facts: Mapping[str, str], mode
     for key, value in facts.items():
         model.user_defined_metadata[key] = value
     for t in spec.inputs:
-        model.input_description[names.get(t.name, t.name)] = describe_tensor(spec, t, mode, points)
+        model.input_description[names.get(t.name, t.name)] = describe_tensor(spec, t, mode, enumeration)
     for t in spec.outputs:
-        model.output_description[names.get(t.name, t.name)] = describe_tensor(spec, t, mode, points)
+        model.output_description[names.get(t.name, t.name)] = describe_tensor(spec, t, mode, enumeration)
 
 
 def check_program(program: torch.export.ExportedProgram, case: Mapping[str, Any], spec: ComponentSpec) -> float:

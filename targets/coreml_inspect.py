@@ -49,15 +49,22 @@ def _feature_shapes(feature) -> dict[str, Any]:
     array = feature.type.multiArrayType
     if array.HasField("shapeRange"):
         return {"range": [[r.lowerBound, r.upperBound] for r in array.shapeRange.sizeRanges]}
-    if array.HasField("enumeratedShapes"):
-        return {"enumerated": sorted(list(s.shape) for s in array.enumeratedShapes.shapes)}  # the default comes first
+    if array.HasField("enumeratedShapes"):  # in stored order: from iOS 18 shape i of each input goes together
+        return {"enumerated": [list(s.shape) for s in array.enumeratedShapes.shapes]}
     return {"static": list(array.shape)}
 
 
-def expected_shapes(spec: ComponentSpec, tensor_name: str, mode: str, points: list[dict[str, int]] | None) -> dict:
+def expected_shapes(spec: ComponentSpec, tensor_name: str, mode: str, points: list[dict[str, int]] | None,
+                    enumerated: list[str] | None = None) -> dict:
+    """What an input must declare: enumerated inputs list one shape per point, in point order (the
+    first is the default); in an enumerated package every other input is static at the first point."""
     tensor = spec.input(tensor_name)
     if mode == "enumerated":
-        return {"enumerated": sorted(list(s) for s in dict.fromkeys(spec.shape(tensor, p) for p in points or []))}
+        if not points:
+            return {"enumerated": "the package records no enumerated points"}
+        if tensor_name in (enumerated or []):
+            return {"enumerated": [list(spec.shape(tensor, p)) for p in points]}
+        return {"static": list(spec.shape(tensor, points[0]))}
     if mode == "static" or all(spec.dim(a.dim).is_static for a in tensor.axes if isinstance(a, Axis)):
         return {"static": list(spec.shape(tensor, spec.dim_values("opt")))}
     ranges = []
@@ -68,6 +75,25 @@ def expected_shapes(spec: ComponentSpec, tensor_name: str, mode: str, points: li
             d = spec.dim(a.dim)
             ranges.append([d.min * a.scale, d.max * a.scale])
     return {"range": ranges}
+
+
+def enumeration_problems(enumerated: list[str], io: dict[str, Any], deployment_target: str) -> list[str]:
+    """coremltools' rules, checked on the package: one enumerated input below iOS 18 / macOS 15, equal
+    counts from there on, at least two shapes each."""
+    from targets.coreml_convert import MULTI_ENUMERATED
+
+    found = {n: v["enumerated"] for n, v in io.items() if "enumerated" in v}
+    problems = []
+    if sorted(found) != sorted(enumerated):
+        problems.append(f"enumerated inputs {sorted(found)} != recorded {sorted(enumerated)}")
+    if len(found) > 1 and deployment_target not in MULTI_ENUMERATED:
+        problems.append(f"{len(found)} enumerated inputs, but {deployment_target or 'this target'} takes one "
+                        "(several need iOS 18 / macOS 15)")
+    if len({len(v) for v in found.values()}) > 1:
+        problems.append(f"enumerated inputs with different shape counts {({n: len(v) for n, v in found.items()})}")
+    problems += [f"input {n} enumerates {len(v)} shape(s); Core ML needs at least two" for n, v in found.items()
+                 if len(v) < 2]
+    return problems
 
 
 def inspect_package(path: Path, spec: ComponentSpec, *, precision: str, compress: str) -> dict[str, Any]:
@@ -87,6 +113,7 @@ def inspect_package(path: Path, spec: ComponentSpec, *, precision: str, compress
         problems.append(f"author is {pb.description.metadata.author!r}, not 'diffprism'")
     mode = meta.get("diffprism.shapes", "range")
     points = json.loads(meta.get("diffprism.enumerated", "null"))
+    enumerated = json.loads(meta.get("diffprism.enumerated_inputs", "null"))
     if meta.get("diffprism.precision", precision) != precision:
         problems.append(f"metadata precision {meta.get('diffprism.precision')} != requested {precision}")
     if meta.get("diffprism.compress", compress) != compress:
@@ -113,7 +140,7 @@ def inspect_package(path: Path, spec: ComponentSpec, *, precision: str, compress
         if dtype != want_dtype:
             problems.append(f"input {t.name} is {dtype}, expected {want_dtype}")
         shapes = _feature_shapes(inputs[t.name])
-        want = expected_shapes(spec, t.name, mode, points)
+        want = expected_shapes(spec, t.name, mode, points, enumerated)
         if shapes != want:
             problems.append(f"input {t.name} shapes {shapes} != expected {want}")
         io[t.name] = {"dtype": dtype, **shapes}
@@ -147,6 +174,8 @@ def inspect_package(path: Path, spec: ComponentSpec, *, precision: str, compress
         problems.append("no 8-bit linear weights (constexpr_affine_dequantize/blockwise_shift_scale)")
     if compress == "none" and (palettized or quantized):
         problems.append("compressed weights in a package built without compression")
+    if mode == "enumerated":
+        problems += enumeration_problems(enumerated or [], io, meta.get("diffprism.minimum_deployment_target", ""))
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return {
         "ok": not problems,

@@ -5,10 +5,12 @@ With TensorRT and a CUDA GPU present, `build` makes the engines with the TensorR
 cache). Without them it writes the same plan as a trtexec build job (targets/tensorrt_job.py)
 and says so in BuildResult.note; it never pretends engines exist.
 
-Engines live in <out>/tensorrt-<precision>-sm<cc>-trt<version>/<component>/model.plan, because
-an engine only deserializes on the GPU architecture and TensorRT version that built it. When
-the GPU or TensorRT version is not given and cannot be detected, the plan records "unknown"
-and the build job fills both in from the GPU machine it runs on.
+Engines live in <out>/tensorrt-<precision>-sm<cc>-trt<version>-<flags|typed>/<component>/model.plan,
+because an engine only deserializes on the GPU architecture and TensorRT version that built it,
+and TensorRT 10.x and 11.x build the same precision two ways (10.x: builder precision flags on the
+fp32 graph; 11.x: strongly typed from a graph that carries its types, e.g. onnx-fp16/). When the GPU
+is not given and cannot be detected, the plan records "unknown"; when the TensorRT version is not,
+the plan is for TensorRT 11 and the build job fills in the exact version from the machine it runs on.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from targets.base import Availability, BuildResult, Target, TargetConfig
 from targets.tensorrt_job import build_script
 from targets.tensorrt_plan import (
     PLAN_FILE, PRECISIONS, SCRIPT_FILE, UNKNOWN, TensorRtConfig, cc_text, engine_dir_name, gpu_tag, make_plan, parse_gpu,
-    parse_trt_version,
+    parse_trt_version, strongly_typed, trt_target, version_tag,
 )
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,12 @@ class TensorRtTarget(Target):
         """The engine folder for this machine (or for the gpu/trt_version the config names)."""
         assert isinstance(config, TensorRtConfig)
         cc = parse_gpu(config.gpu) if config.gpu else detect_cc()
-        version = parse_trt_version(config.trt_version) if config.trt_version else detect_trt_version()
-        exact = out / engine_dir_name(config.precision, gpu_tag(cc, config.hardware_compatibility), version or UNKNOWN)
+        major, version = trt_target(config.trt_version, detect_trt_version())
+        typed, tag = strongly_typed(config.precision, major), version_tag(major, version)
+        exact = out / engine_dir_name(config.precision, gpu_tag(cc, config.hardware_compatibility), tag, typed)
         if exact.is_dir() or cc is None or cc < 80 or config.hardware_compatibility != "none":
             return exact
-        portable = out / engine_dir_name(config.precision, gpu_tag(cc, "ampere_plus"), version or UNKNOWN)
+        portable = out / engine_dir_name(config.precision, gpu_tag(cc, "ampere_plus"), tag, typed)
         return portable if portable.is_dir() else exact  # Ampere-compatible engines also run here
 
     def availability(self) -> Availability:
@@ -98,8 +101,10 @@ class TensorRtTarget(Target):
         if not available.ok:
             return available.reason
         cc, version = detect_cc(), detect_trt_version()
-        if plan["trt_version"] != version:
-            return f"the plan targets TensorRT {plan['trt_version']} but this machine has {version}"
+        if version is None or int(version.split(".")[0]) != plan["trt_major"] \
+                or plan["trt_version"] not in (UNKNOWN, version):
+            planned = plan["trt_version"] if plan["trt_version"] != UNKNOWN else f"{plan['trt_major']}.x"
+            return f"the plan targets TensorRT {planned} but this machine has {version}"
         if cc is None or cc < plan["min_compute_capability"]:
             return f"{plan['precision']} needs compute capability >= {cc_text(plan['min_compute_capability'])}"
         if plan["builder"]["hardware_compatibility"] != "ampere_plus" and plan["compute_capability"] != cc_text(cc):
@@ -114,7 +119,8 @@ class TensorRtTarget(Target):
             write_bytes_atomic(script, build_script(plan).encode())
             script.chmod(0o755)
         details = {name: {"engine": f"{plan['dir']}/{c['engine']}", "built": False, "profiles": len(c["profiles"]),
-                          "gpu": plan["gpu"], "trt_version": plan["trt_version"]}
+                          "gpu": plan["gpu"], "trt_version": plan["trt_version"], "trt_major": plan["trt_major"],
+                          "onnx": c["onnx"]}
                    for name, c in plan["components"].items()}
         rel = final.relative_to(out).as_posix()
         note = (f"engines not built here ({reason}); wrote a build job: run 'bash {rel}/{SCRIPT_FILE}' on a GPU machine "
@@ -137,7 +143,8 @@ class TensorRtTarget(Target):
                 details[name] = {"engine": f"{plan['dir']}/{component['engine']}", "built": True,
                                  "bytes": len(engine), "profiles": len(component["profiles"]),
                                  "gpu": plan["gpu"], "compute_capability": plan["compute_capability"],
-                                 "trt_version": plan["trt_version"]}
+                                 "trt_version": plan["trt_version"], "trt_major": plan["trt_major"],
+                                 "onnx": component["onnx"]}
                 log.info("built TensorRT engine %s (%d bytes)", name, len(engine))
             write_json_atomic(tmp / PLAN_FILE, plan)
             write_bytes_atomic(tmp / SCRIPT_FILE, build_script(plan).encode())

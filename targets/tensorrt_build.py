@@ -22,7 +22,11 @@ def _trt():
 
 def build_engine(plan: Mapping[str, Any], onnx_path: Path, profiles: list[dict[str, dict[str, list[int]]]],
                  timing_cache: bytes) -> tuple[bytes, bytes]:
-    """(serialized engine, updated timing cache) for one component; the same settings as the trtexec job."""
+    """(serialized engine, updated timing cache) for one component; the same settings as the trtexec job.
+
+    The plan's precision flags are empty on TensorRT 11 (strongly typed only): nothing here asks
+    for a BuilderFlag that 11 removed.
+    """
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -63,7 +67,10 @@ def build_engine(plan: Mapping[str, Any], onnx_path: Path, profiles: list[dict[s
             profile.set_shape(name, s["min"], s["opt"], s["max"])
         config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # False: made on another GPU or TensorRT
+        raise ExportError(f"TensorRT rejected the timing cache {plan['builder']['timing_cache']} "
+                          "(it was made on another GPU or TensorRT version)",
+                          "delete that file, or pass --option timing_cache=PATH for a cache of this machine")
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

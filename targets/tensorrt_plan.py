@@ -17,9 +17,10 @@ from exporters.export import ONNX_DIR
 from exporters.geometry import Geometry
 from exporters.onnx_writer import ONNX_NAME
 from exporters.spec import POINTS, Axis, ComponentSpec, ShapeRequest
+from exporters.tree import read_tree_info
 from targets.base import TargetConfig
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 2: trt_major, min_trt, the build path in the folder name
 ENGINE_NAME = "model.plan"
 PLAN_FILE = "plan.json"
 SCRIPT_FILE = "build_engines.sh"
@@ -27,11 +28,22 @@ TIMING_CACHE = "timing.cache"
 UNKNOWN = "unknown"
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
-# Builder precision flags on the fp32 graph (TensorRT picks per-layer precision).
+# Supported TensorRT: release 10.8 up to 11.x (the majors whose APIs this target is written against).
+MIN_TRT = (10, 8)
+MAJORS = (10, 11)
+DEFAULT_MAJOR = 11  # what `pip install tensorrt` gives today; a plan with nothing to detect targets it
+# TensorRT 10.x, weak typing: builder precision flags on the fp32 graph (TensorRT picks per-layer precision).
 FLAG_PRECISIONS = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}
-# Quantized precisions come from a Q/DQ graph and are built strongly typed: the graph's
-# types decide, and builder precision flags are not allowed with STRONGLY_TYPED.
+# Quantized precisions come from a Q/DQ graph and are built strongly typed on every major: the
+# graph's types decide, and builder precision flags are not allowed with STRONGLY_TYPED.
 QDQ_PRECISIONS = ("int8", "fp8")
+# TensorRT 11 removed weak typing (no FP16/BF16/INT8/FP8 builder flags, no trtexec --fp16): every
+# precision is built strongly typed from a graph that already carries its types. fp16 comes from
+# the fp16-with-fp32-islands variant (onnx-fp16/, `compile --target onnxruntime --precision fp16`),
+# so the islands that keep e.g. the SDXL VAE finite carry over to the engine.
+TYPED_SOURCES = {"fp32": None, "fp16": "fp16", "int8": "int8", "fp8": "fp8"}  # precision -> onnx-<x>/ (None: onnx/)
+# The folder-name tag of each build path: precision from builder flags (10.x) or from the graph's types.
+TYPING_TAGS = {False: "flags", True: "typed"}
 # Lowest compute capability (major*10+minor) that runs a precision's kernels.
 MIN_CC = {"bf16": 80, "fp8": 89}
 AMPERE = 80
@@ -40,13 +52,15 @@ HARDWARE_LEVELS = {  # option value -> (trt.HardwareCompatibilityLevel member, t
     "ampere_plus": ("AMPERE_PLUS", "ampere+"),
     "same_compute_capability": ("SAME_COMPUTE_CAPABILITY", "sameComputeCapability"),
 }
+# Builder features newer than MIN_TRT: option value -> first TensorRT (major, minor) that has it.
+HARDWARE_SINCE = {"same_compute_capability": (10, 10)}  # release/10.8 has only none and ampere+
 
 
 class TensorRtConfig(TargetConfig):
     """Options of `diffprism compile DIR --target tensorrt --option KEY=VALUE`."""
 
     gpu: str | None = None  # target GPU: "sm89" or "8.9"; None: this machine's GPU, else "unknown"
-    trt_version: str | None = None  # "10.8.0"; None: the installed TensorRT, else "unknown"
+    trt_version: str | None = None  # "10.8.0", or a major "11"; None: the installed TensorRT, else 11.x
     batch: str | None = None  # narrower batch range MIN:OPT:MAX inside the export's
     sizes: list[str] | None = None  # image-size ranges in pixels, one optimization profile each
     static: bool = False  # every profile at its opt shape (min = opt = max)
@@ -95,16 +109,44 @@ def cc_text(cc: int) -> str:
 
 
 def parse_trt_version(text: str) -> str:
-    """'10.8' -> '10.8.0'; '10.8.0.43' -> '10.8.0' (engines are tagged by major.minor.patch)."""
+    """'10.8' -> '10.8.0'; '10.8.0.43' -> '10.8.0' (engines are tagged by major.minor.patch); '11' -> '11'."""
     parts = text.strip().split(".")
-    if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in parts):
-        raise UsageError(f"TensorRT version '{text}' is not a version number", "write it like 10.8.0")
-    return ".".join((parts + ["0"])[:3])
+    if not 1 <= len(parts) <= 4 or not all(p.isdigit() for p in parts):
+        raise UsageError(f"TensorRT version '{text}' is not a version number", "write it like 10.8.0 (or a major: 11)")
+    return parts[0] if len(parts) == 1 else ".".join((parts + ["0"])[:3])
 
 
-def engine_dir_name(precision: str, gpu_tag: str, trt_version: str) -> str:
-    """tensorrt-<precision>-sm<cc>-trt<version>: an engine only loads on the GPU and TensorRT it was built for."""
-    return f"tensorrt-{precision}-{gpu_tag}-trt{trt_version}"
+def trt_target(config_version: str | None, detected: str | None) -> tuple[int, str]:
+    """(major, version or "unknown") the plan is for: the option, else the installed TensorRT, else 11.x.
+
+    A major alone ("11") fixes the build path and leaves the exact version to the build job.
+    """
+    text = parse_trt_version(config_version) if config_version else detected
+    if text is None:
+        return DEFAULT_MAJOR, UNKNOWN
+    numbers = tuple(int(p) for p in text.split("."))
+    major = numbers[0]
+    supported = f"{MIN_TRT[0]}.{MIN_TRT[1]} to {MAJORS[-1]}.x"
+    if major not in MAJORS or (len(numbers) > 1 and numbers[:2] < MIN_TRT):
+        raise UsageError(f"TensorRT {text} is not supported (diffprism builds engines with TensorRT {supported})",
+                         f"use TensorRT {supported}, or pass --option trt_version= with one of those")
+    return major, text if len(numbers) > 1 else UNKNOWN
+
+
+def strongly_typed(precision: str, major: int) -> bool:
+    """Whether the build takes its precision from the graph's types (always on 11; Q/DQ graphs on 10)."""
+    return major >= 11 or precision in QDQ_PRECISIONS
+
+
+def version_tag(major: int, trt_version: str) -> str:
+    """'10.8.0', or '11' when only the major is known (the build job adds the rest)."""
+    return trt_version if trt_version != UNKNOWN else str(major)
+
+
+def engine_dir_name(precision: str, gpu_tag: str, trt_version: str, typed: bool) -> str:
+    """tensorrt-<precision>-sm<cc>-trt<version>-<flags|typed>: an engine only loads on the GPU and TensorRT
+    it was built for, and the same precision is built two ways (builder flags on 10.x, graph types on 11)."""
+    return f"tensorrt-{precision}-{gpu_tag}-trt{trt_version}-{TYPING_TAGS[typed]}"
 
 
 def gpu_tag(cc: int | None, hardware: str) -> str:
@@ -178,13 +220,15 @@ def make_plan(tree: Path, specs: Mapping[str, ComponentSpec], config: TensorRtCo
     """What would be built, from the specs and the config; `detected_*` describe this machine (None: no GPU/TensorRT)."""
     precision = config.precision
     cc = parse_gpu(config.gpu) if config.gpu else detected_cc
-    trt_version = parse_trt_version(config.trt_version) if config.trt_version else detected_trt
+    major, trt_version = trt_target(config.trt_version, detected_trt)
     _check_precision(precision, cc, config)
+    typed = strongly_typed(precision, major)
+    _check_features(config, major, trt_version)
     out = tree.parent
-    source = ONNX_DIR if precision in FLAG_PRECISIONS else f"{ONNX_DIR}-{precision}"
-    _check_source(out, source, specs, precision)
+    source = source_tree(precision, major)
+    _check_source(out, source, specs, precision, major)
     tag = gpu_tag(cc, config.hardware_compatibility)
-    directory = engine_dir_name(precision, tag, trt_version or UNKNOWN)
+    directory = engine_dir_name(precision, tag, version_tag(major, trt_version), typed)
     scale = geometry.vae_scale_factor
     timing_cache = config.timing_cache or f"{directory}/{TIMING_CACHE}"
     components = {}
@@ -201,12 +245,14 @@ def make_plan(tree: Path, specs: Mapping[str, ComponentSpec], config: TensorRtCo
         "gpu": tag,
         "compute_capability": cc_text(cc) if cc is not None else UNKNOWN,
         "min_compute_capability": _min_cc(precision, config),
-        "trt_version": trt_version or UNKNOWN,
+        "trt_version": trt_version,
+        "trt_major": major,
+        "min_trt": _min_trt(config),
         "dir": directory,
         "source": source,
-        "network": {"strongly_typed": precision in QDQ_PRECISIONS},
+        "network": {"strongly_typed": typed},
         "builder": {
-            "precision_flags": list(FLAG_PRECISIONS.get(precision, ())),
+            "precision_flags": [] if typed else list(FLAG_PRECISIONS[precision]),
             "tf32": precision != "fp32",  # fp32 means fp32: TF32 would cost ~3 decimal digits
             "optimization_level": config.optimization_level,
             "workspace_bytes": config.workspace_mb * 2**20 if config.workspace_mb else None,
@@ -242,10 +288,45 @@ def _check_precision(precision: str, cc: int | None, config: TensorRtConfig) -> 
                          "build on an Ampere or newer GPU, or drop hardware_compatibility")
 
 
-def _check_source(out: Path, source: str, specs: Mapping[str, ComponentSpec], precision: str) -> None:
-    if precision in FLAG_PRECISIONS:
+def source_tree(precision: str, major: int) -> str:
+    """The ONNX tree a build reads: onnx/ for weak typing and fp32, onnx-<variant>/ for typed reduced precision."""
+    if not strongly_typed(precision, major):
+        return ONNX_DIR
+    if precision not in TYPED_SOURCES:  # bf16 on TensorRT 11
+        raise UsageError(
+            f"TensorRT {major} builds {precision} only strongly typed from a graph computing in {precision}, and "
+            f"diffprism's onnx-{precision} variant stores {precision} weights but computes in fp32",
+            "build fp16 (strongly typed from the fp16-with-islands graphs of onnx-fp16/), or plan for TensorRT 10.x "
+            "with --option trt_version=10.8.0, where bf16 is a builder flag",
+        )
+    variant = TYPED_SOURCES[precision]
+    return ONNX_DIR if variant is None else f"{ONNX_DIR}-{variant}"
+
+
+def _min_trt(config: TensorRtConfig) -> list[int]:
+    """The oldest TensorRT (major, minor) that can build this plan (the job checks it before building)."""
+    return list(max([MIN_TRT, HARDWARE_SINCE.get(config.hardware_compatibility, MIN_TRT)]))
+
+
+def _check_features(config: TensorRtConfig, major: int, trt_version: str) -> None:
+    need = HARDWARE_SINCE.get(config.hardware_compatibility)
+    if need is None or trt_version == UNKNOWN:
+        return  # a major alone: the job checks the exact version
+    if tuple(int(p) for p in trt_version.split(".")[:2]) < need:
+        raise UsageError(
+            f"hardware_compatibility={config.hardware_compatibility} needs TensorRT >= {need[0]}.{need[1]}, "
+            f"but the plan targets {trt_version}",
+            f"use TensorRT {need[0]}.{need[1]} or newer, or hardware_compatibility=ampere_plus / none",
+        )
+
+
+def _check_source(out: Path, source: str, specs: Mapping[str, ComponentSpec], precision: str, major: int) -> None:
+    if source == ONNX_DIR:
         return  # the exported fp32 tree, checked by the caller
     missing = [n for n in specs if not (out / source / n / ONNX_NAME).is_file()]
+    if precision == "fp16":
+        _check_fp16_source(out, source, specs, missing, major)
+        return
     if not missing:
         return
     if precision == "int8":
@@ -258,6 +339,24 @@ def _check_source(out: Path, source: str, specs: Mapping[str, ComponentSpec], pr
         f"put FP8 Q/DQ graphs at {source}/<component>/{ONNX_NAME} (e.g. from NVIDIA Model Optimizer), "
         "or build fp16/bf16",
     )
+
+
+def _check_fp16_source(out: Path, source: str, specs: Mapping[str, ComponentSpec], missing: list[str],
+                       major: int) -> None:
+    """TensorRT 11's fp16 reads the fp16-with-islands variant: every planned component must be fp16 there."""
+    fix = (f"run 'diffprism compile {out} --target onnxruntime --precision fp16' first (the fp16 graphs with "
+           "fp32 islands), or plan for TensorRT 10.x with --option trt_version=10.8.0 (fp16 as a builder flag)")
+    if missing:
+        raise SourceError(f"TensorRT {major} builds fp16 strongly typed from the fp16 graphs, but {out / source} "
+                          f"has no {', '.join(missing)}", fix)
+    try:
+        info, _ = read_tree_info(out / source)
+    except SourceError:
+        raise SourceError(f"{out / source} is not a diffprism variant tree", fix) from None
+    methods = {n: (info.get("variant", {}).get(n) or {}).get("method") for n in specs}
+    not_fp16 = {n: m for n, m in methods.items() if m != "fp16"}
+    if not_fp16:
+        raise SourceError(f"TensorRT {major} fp16 needs fp16 graphs, but {out / source} holds {not_fp16}", fix)
 
 
 def engine_ranges(component: Mapping[str, Any]) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]:

@@ -1,5 +1,5 @@
 """Core ML target: conversion from the torch.export program, flexible shapes, compression, metadata,
-Apple's layout, structural validation here and numeric validation on macOS.
+structural validation here and numeric validation on macOS.
 
 Each (preset, components, options) build happens once per session (`built`); the builds write into
 a private folder that links the session export's onnx/ and reference/.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from diffprism.cli import main  # noqa: E402
 from exporters.errors import BackendUnavailable, ExportError, UsageError  # noqa: E402
 from exporters.tree import read_tree_info  # noqa: E402
 from targets import coreml_convert  # noqa: E402
-from targets.coreml import CoreMlTarget, write_vocabulary  # noqa: E402
+from targets.coreml import CoreMlTarget  # noqa: E402
 from targets.coreml_inspect import inspect_package  # noqa: E402
 
 TINY_SD = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
@@ -189,14 +188,75 @@ def test_inspection_reports_mismatches(built):
 # -- shapes: enumerated and the static fallback -------------------------------------------
 
 
+def _enumerated(pb, name):
+    feature = next(f for f in pb.description.input if f.name == name)
+    array = feature.type.multiArrayType
+    if array.HasField("enumeratedShapes"):
+        return [tuple(s.shape) for s in array.enumeratedShapes.shapes]
+    assert not array.HasField("shapeRange"), f"{name} has a shape range in an enumerated package"
+    return None  # static
+
+
 def test_enumerated_resolutions(built):
     out, result, specs = built("tiny-sd", ("vae_decoder",), resolutions=("64x64", "32x64"))
     assert result.details["vae_decoder"]["shapes"] == "enumerated"
-    dec = package_spec(result.out_dir / "vae_decoder.mlpackage").description.input[0].type.multiArrayType
-    shapes = {tuple(s.shape) for s in dec.enumeratedShapes.shapes}
+    shapes = _enumerated(package_spec(result.out_dir / "vae_decoder.mlpackage"), "latent_sample")
     scale = specs["vae_decoder"].outputs[0].axes[2].scale
-    assert (2, 4, 64 // scale, 64 // scale) in shapes and (1, 4, 32 // scale, 64 // scale) in shapes
-    assert len(shapes) == 2 * len({specs["vae_decoder"].dim("batch").at(p) for p in ("min", "opt", "max")})
+    batch = specs["vae_decoder"].dim("batch")
+    # one input: sizes x batch opt/min/max, the default (opt batch, first size) first
+    assert shapes[0] == (batch.opt, 4, 64 // scale, 64 // scale) and (batch.min, 4, 32 // scale, 64 // scale) in shapes
+    assert len(shapes) == len(set(shapes)) == 2 * len({batch.at(p) for p in ("min", "opt", "max")})
+
+
+def test_enumerated_unet_below_ios18_enumerates_one_input(built):
+    """Below iOS 18 Core ML takes one enumerated input: the UNet's batch is fixed, only sample varies."""
+    out, result, specs = built("tiny-sd", ("unet",), resolutions=("64x64", "32x64"))
+    details = result.details["unet"]
+    assert details["shapes"] == "enumerated" and "fallback" not in details
+    assert details["enumerated"]["inputs"] == ["sample"] and "batch fixed" in details["enumerated"]["notes"][0]
+    spec, pb = specs["unet"], package_spec(result.out_dir / "unet.mlpackage")
+    b, scale = spec.dim("batch").opt, 2
+    assert _enumerated(pb, "sample") == [(b, 4, 32, 32), (b, 4, 16, 32)] == [(b, 4, 64 // scale, 64 // scale),
+                                                                                (b, 4, 32 // scale, 64 // scale)]
+    assert _enumerated(pb, "timestep") is None and _enumerated(pb, "encoder_hidden_states") is None
+    facts = inspect_package(result.out_dir / "unet.mlpackage", spec, precision="fp16", compress="none")
+    assert facts["ok"], facts["problems"]
+    assert facts["io"]["timestep"] == {"dtype": "float32", "static": [b]}
+
+
+def test_enumerated_unet_ios18_parallel_lists(built):
+    """From iOS 18 every input that varies is enumerated, with as many shapes as points, matched by index."""
+    out, result, specs = built("tiny-sd", ("unet",), resolutions=("64x64", "32x64"),
+                               minimum_deployment_target="macOS15")
+    details = result.details["unet"]
+    assert "fallback" not in details and "notes" not in details["enumerated"]
+    assert details["enumerated"]["inputs"] == ["sample", "timestep", "encoder_hidden_states"]
+    spec, pb = specs["unet"], package_spec(result.out_dir / "unet.mlpackage")
+    batch = spec.dim("batch")
+    batches = list(dict.fromkeys(batch.at(p) for p in ("opt", "min", "max")))
+    points = [(b, hw) for b in batches for hw in ((32, 32), (16, 32))]
+    sample, timestep, hidden = (_enumerated(pb, n) for n in ("sample", "timestep", "encoder_hidden_states"))
+    assert len(sample) == len(timestep) == len(hidden) == len(points)
+    for i, (b, (h, w)) in enumerate(points):  # shape i of each input is point i
+        assert sample[i] == (b, 4, h, w) and timestep[i] == (b,) and hidden[i][0] == b
+    facts = inspect_package(result.out_dir / "unet.mlpackage", spec, precision="fp16", compress="none")
+    assert facts["ok"], facts["problems"]
+
+
+def test_enumeration_rules_without_conversion(exported):
+    """The rules alone: one shape is static, not enumerated; the inspector flags packages that break them."""
+    from targets.coreml_inspect import enumeration_problems
+
+    _, specs = read_tree_info(exported("tiny-sd") / "onnx")
+    one = coreml_convert.enumerate_shapes(specs["unet"].restrict(batch=(2, 2, 2)), [(32, 32)], "macOS14")
+    assert one["inputs"] == [] and len(one["points"]) == 1 and "static" in one["notes"][0]
+    text = coreml_convert.enumerate_shapes(specs["text_encoder"], [(32, 32), (16, 32)], "macOS14")
+    assert text["inputs"] == ["input_ids"] and not text["notes"]  # one input: its batch may vary
+    io = {"sample": {"enumerated": [[2, 4, 8, 8], [1, 4, 8, 8]]}, "timestep": {"enumerated": [[2], [1], [4]]}}
+    problems = enumeration_problems(["sample", "timestep"], io, "macOS14")
+    assert any("takes one" in p for p in problems) and any("different shape counts" in p for p in problems)
+    assert enumeration_problems(["sample"], {"sample": {"enumerated": [[2, 4, 8, 8]]}}, "iOS18") == [
+        "input sample enumerates 1 shape(s); Core ML needs at least two"]
 
 
 def test_static_fallback_is_recorded(exported, pipeline, tmp_path, monkeypatch):
@@ -249,34 +309,15 @@ def test_plan_is_pure_and_options_are_checked(exported, tmp_path):
         target.build(plan, tmp_path)
 
 
-# -- Apple's Swift loader layout ----------------------------------------------------------
+# -- no Apple Swift loader layout ----------------------------------------------------------
 
 
-def test_apple_names_layout(built):
-    out, result, _ = built("tiny-sd", SMALL, compress="palettize4", apple_names=True)
-    res = result.out_dir / "Resources"
-    assert (res / "TextEncoder.mlpackage" / "Manifest.json").is_file()
-    vocab = json.loads((res / "vocab.json").read_text())
-    assert "<|endoftext|>" in vocab and (res / "merges.txt").read_text().strip()
-    info = result.details["apple_names"]
-    if platform.system() != "Darwin":
-        assert info["mlmodelc"].startswith("skipped") and "xcrun coremlcompiler" in info["mlmodelc"]
-        assert not list(res.glob("*.mlmodelc"))
-
-
-def test_vocabulary_from_a_tokenizer_json_only_folder(exported, tmp_path):
-    tree = tmp_path / "tree"
-    shutil.copytree(exported("tiny-sd") / "onnx" / "tokenizer", tree / "tokenizer")
-    for f in ("vocab.json", "merges.txt"):
-        (tree / "tokenizer" / f).unlink(missing_ok=True)
-    assert (tree / "tokenizer" / "tokenizer.json").is_file()
-    dest = tmp_path / "res"
-    dest.mkdir()
-    write_vocabulary(tree, dest)
-    shipped = Path(__file__).resolve().parents[2] / "diffprism" / "assets" / "tokenizer"
-    assert json.loads((dest / "vocab.json").read_text()) == json.loads((shipped / "vocab.json").read_text())
-    ours = [line for line in (dest / "merges.txt").read_text().splitlines() if not line.startswith("#")]
-    assert ours == [line for line in (shipped / "merges.txt").read_text().splitlines() if not line.startswith("#")]
+def test_no_apple_swift_layout_is_claimed(built):
+    """The packages keep diffusers' I/O, which Apple's Swift loader does not read: no Resources/, no option."""
+    out, result, _ = built("tiny-sd", TINY_SD)
+    assert not (result.out_dir / "Resources").exists() and "apple_names" not in result.details
+    with pytest.raises(UsageError, match="apple_names"):
+        CoreMlTarget().config(apple_names=True)
 
 
 # -- CLI: compile, structural validation --------------------------------------------------

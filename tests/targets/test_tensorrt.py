@@ -16,14 +16,14 @@ from pathlib import Path
 import onnx
 import pytest
 
-from exporters.errors import BackendUnavailable, ShapeError, SourceError, UsageError
+from exporters.errors import BackendUnavailable, ExportError, ShapeError, SourceError, UsageError
 from exporters.tree import read_geometry
 from exporters.tree import read_tree_info
-from runtimes.tensorrt_runner import onnxruntime_tensorrt_providers, select_profile
+from runtimes.tensorrt_runner import TensorRtRunner, onnxruntime_tensorrt_providers, select_profile, torch_dtype_name
 from targets.base import get_target
 from targets.tensorrt_job import build_script, trtexec_args
 from targets.tensorrt_plan import (
-    TensorRtConfig, engine_dir_name, engine_ranges, parse_gpu, parse_trt_version, profile_specs,
+    TensorRtConfig, engine_dir_name, engine_ranges, parse_gpu, parse_trt_version, profile_specs, trt_target,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -50,6 +50,17 @@ def _plan(out: Path, components=None, **options) -> dict:
     options.setdefault("gpu", "sm89")
     options.setdefault("trt_version", "10.8.0")
     return target.plan(out / "onnx", specs, target.config(**options))
+
+
+@pytest.fixture(scope="module")
+def fp16_tree(exported, tmp_path_factory):
+    """A copy of the tiny-sd export with its fp16-with-islands variant onnx-fp16/ (TensorRT 11's fp16 source)."""
+    from diffprism.jobs import compile_job
+
+    out = tmp_path_factory.mktemp("trt-fp16") / "sd"
+    shutil.copytree(exported("tiny-sd"), out)
+    compile_job(out, target="onnxruntime", precision="fp16")
+    return out
 
 
 def _assert_golden(name: str, text: str) -> None:
@@ -79,27 +90,46 @@ def test_parse_gpu_rejects_non_capabilities(text):
 def test_trt_version_is_tagged_by_major_minor_patch():
     assert parse_trt_version("10.8") == "10.8.0"
     assert parse_trt_version("10.8.0.43") == "10.8.0"
+    assert parse_trt_version("11") == "11"  # a major alone: the job fills in the rest
     with pytest.raises(UsageError):
         parse_trt_version("ten")
 
 
-def test_engine_folder_names_gpu_and_tensorrt(exported):
+@pytest.mark.parametrize("version,target", [("10.8.0", (10, "10.8.0")), ("11.2", (11, "11.2.0")), ("11", (11, "unknown")),
+                                            (None, (11, "unknown"))])
+def test_trt_target_major_and_version(version, target):
+    assert trt_target(version, None) == target
+    assert trt_target(None, "10.10.0") == (10, "10.10.0")  # the installed TensorRT when the option is absent
+
+
+@pytest.mark.parametrize("version", ["10.7.0", "8.6.1", "12.0", "9"])
+def test_unsupported_tensorrt_versions_are_usage_errors(version):
+    with pytest.raises(UsageError, match="10.8 to 11.x") as err:
+        trt_target(version, None)
+    assert err.value.fix
+
+
+def test_engine_folder_names_gpu_tensorrt_and_build_path(exported, fp16_tree):
     plan = _plan(exported("tiny-sd"), precision="fp16")
-    assert plan["dir"] == engine_dir_name("fp16", "sm89", "10.8.0") == "tensorrt-fp16-sm89-trt10.8.0"
+    assert plan["dir"] == engine_dir_name("fp16", "sm89", "10.8.0", False) == "tensorrt-fp16-sm89-trt10.8.0-flags"
     assert plan["components"]["unet"]["engine"] == "unet/model.plan"
-    assert plan["compute_capability"] == "8.9" and plan["trt_version"] == "10.8.0"
+    assert plan["compute_capability"] == "8.9" and plan["trt_version"] == "10.8.0" and plan["trt_major"] == 10
     portable = _plan(exported("tiny-sd"), precision="fp16", hardware_compatibility="ampere_plus")
-    assert portable["dir"] == "tensorrt-fp16-sm80plus-trt10.8.0"
+    assert portable["dir"] == "tensorrt-fp16-sm80plus-trt10.8.0-flags"
+    typed = _plan(fp16_tree, precision="fp16", trt_version="11.0.0")
+    assert typed["dir"] == "tensorrt-fp16-sm89-trt11.0.0-typed" and typed["trt_major"] == 11
 
 
-def test_unknown_gpu_and_version_are_recorded(exported, monkeypatch):
+def test_unknown_gpu_and_version_plan_for_tensorrt_11(fp16_tree, monkeypatch):
     import targets.tensorrt as trt_target
 
     monkeypatch.setattr(trt_target, "detect_cc", lambda: None)
     monkeypatch.setattr(trt_target, "detect_trt_version", lambda: None)
-    plan = _plan(exported("tiny-sd"), precision="fp16", gpu=None, trt_version=None)
-    assert plan["gpu"] == "smunknown" and plan["trt_version"] == "unknown"
-    assert plan["dir"] == "tensorrt-fp16-smunknown-trtunknown"
+    plan = _plan(fp16_tree, precision="fp16", gpu=None, trt_version=None)
+    assert plan["gpu"] == "smunknown" and plan["trt_version"] == "unknown" and plan["trt_major"] == 11
+    assert plan["dir"] == "tensorrt-fp16-smunknown-trt11-typed"
+    target = get_target("tensorrt")
+    assert target.output_dir(fp16_tree, target.config(precision="fp16")) == fp16_tree / plan["dir"]
 
 
 # --- profiles ---------------------------------------------------------------------------------
@@ -193,7 +223,7 @@ def test_impossible_shape_requests_are_clear_errors(exported, options, match):
     ("fp16", ["FP16"], False, ["--fp16"]),
     ("bf16", ["BF16"], False, ["--bf16"]),
 ])
-def test_flags_per_precision(exported, precision, flags, typed, args):
+def test_tensorrt_10_flags_per_precision(exported, precision, flags, typed, args):
     plan = _plan(exported("tiny-sd"), precision=precision)
     assert plan["builder"]["precision_flags"] == flags
     assert plan["network"]["strongly_typed"] is typed
@@ -206,6 +236,57 @@ def test_flags_per_precision(exported, precision, flags, typed, args):
     assert not others & set(built)
 
 
+WEAK_FLAGS = {"--fp16", "--bf16", "--int8", "--fp8", "--best"}
+
+
+def test_tensorrt_11_fp16_builds_strongly_typed_from_the_islands_variant(fp16_tree):
+    """TensorRT 11 has no --fp16: the fp16 graphs with fp32 islands (onnx-fp16/) are built --stronglyTyped."""
+    plan = _plan(fp16_tree, precision="fp16", trt_version="11.0.0")
+    assert plan["network"]["strongly_typed"] is True and plan["builder"]["precision_flags"] == []
+    assert plan["source"] == "onnx-fp16"
+    info, _ = read_tree_info(fp16_tree / "onnx-fp16")
+    for name, component in plan["components"].items():
+        assert component["onnx"] == f"onnx-fp16/{name}/model.onnx" and (fp16_tree / component["onnx"]).is_file()
+        assert info["variant"][name]["method"] == "fp16" and "islands" in info["variant"][name]
+        built = trtexec_args(plan, name, "e.plan", "t.cache")
+        assert "--stronglyTyped" in built and not WEAK_FLAGS & set(built)
+        assert f"--onnx=onnx-fp16/{name}/model.onnx" in built
+    trt_options = onnxruntime_tensorrt_providers(plan, "unet", fp16_tree / "ort-cache")[0][1]
+    assert trt_options["trt_fp16_enable"] is False  # ORT's TensorRT EP reads the fp16 graph, no weak-typing flag
+
+
+def test_tensorrt_11_fp32_is_strongly_typed_from_the_export(exported):
+    plan = _plan(exported("tiny-sd"), precision="fp32", trt_version="11")
+    assert plan["source"] == "onnx" and plan["network"]["strongly_typed"] is True
+    built = trtexec_args(plan, "unet", "e.plan", "t.cache")
+    assert "--stronglyTyped" in built and "--noTF32" in built and not WEAK_FLAGS & set(built)
+
+
+def test_tensorrt_11_fp16_without_the_variant_names_the_command(copy_export):
+    out = copy_export("tiny-sd")
+    with pytest.raises(SourceError) as err:
+        _plan(out, precision="fp16", trt_version="11.0.0")
+    assert "onnx-fp16" in str(err.value) and "--target onnxruntime --precision fp16" in err.value.fix
+    assert "trt_version=10" in err.value.fix
+
+
+def test_tensorrt_11_fp16_refuses_a_variant_that_is_not_fp16(copy_export):
+    from diffprism.jobs import compile_job
+
+    out = copy_export("tiny-sd")
+    compile_job(out, target="onnxruntime", precision="fp16", components=["text_encoder", "unet"],
+                options={"policy": {"unet": "int8-dynamic"}})
+    with pytest.raises(SourceError, match="needs fp16 graphs") as err:
+        _plan(out, components=["text_encoder", "unet"], precision="fp16", trt_version="11.0.0")
+    assert "'unet': 'int8-dynamic'" in str(err.value)
+
+
+def test_tensorrt_11_bf16_is_refused_with_the_way_out(exported):
+    with pytest.raises(UsageError, match="computes in fp32") as err:
+        _plan(exported("tiny-sd"), precision="bf16", trt_version="11.0.0")
+    assert "fp16" in err.value.fix and "trt_version=10" in err.value.fix
+
+
 def _with_qdq_tree(tmp_path: Path, exported_dir: Path, precision: str) -> Path:
     """An artifact folder whose onnx/ is the session export and whose onnx-<precision>/ has a unet graph file."""
     out = tmp_path / "set"
@@ -216,10 +297,12 @@ def _with_qdq_tree(tmp_path: Path, exported_dir: Path, precision: str) -> Path:
     return out
 
 
+@pytest.mark.parametrize("version", ["10.8.0", "11.0.0"])
 @pytest.mark.parametrize("precision,gpu", [("int8", "sm86"), ("fp8", "sm89")])
-def test_qdq_precisions_build_strongly_typed_from_their_tree(exported, tmp_path, precision, gpu):
+def test_qdq_precisions_build_strongly_typed_from_their_tree(exported, tmp_path, precision, gpu, version):
     out = _with_qdq_tree(tmp_path, exported("tiny-sd"), precision)
-    plan = _plan(out, components=["unet"], precision=precision, gpu=gpu)
+    plan = _plan(out, components=["unet"], precision=precision, gpu=gpu, trt_version=version)
+    assert plan["dir"].endswith("-typed")
     assert plan["network"]["strongly_typed"] is True
     assert plan["builder"]["precision_flags"] == []
     assert plan["components"]["unet"]["onnx"] == f"onnx-{precision}/unet/model.onnx"
@@ -260,28 +343,53 @@ def test_unknown_precision_and_options_are_usage_errors():
         target.config(precision="fp16", hardware_compatibility="turing")
 
 
+def test_same_compute_capability_needs_tensorrt_10_10(exported):
+    with pytest.raises(UsageError, match="needs TensorRT >= 10.10") as err:
+        _plan(exported("tiny-sd"), precision="fp16", hardware_compatibility="same_compute_capability")
+    assert "ampere_plus" in err.value.fix
+    plan = _plan(exported("tiny-sd"), precision="fp16", hardware_compatibility="same_compute_capability",
+                 trt_version="10.10.0")
+    assert plan["min_trt"] == [10, 10]
+    assert "--hardwareCompatibilityLevel=sameComputeCapability" in trtexec_args(plan, "unet", "e", "t")
+    # A major alone cannot be checked here: the job checks the version it finds (test below).
+    assert _plan(exported("tiny-sd"), precision="fp16", hardware_compatibility="same_compute_capability",
+                 trt_version="10")["min_trt"] == [10, 10]
+    assert _plan(exported("tiny-sd"), precision="fp16")["min_trt"] == [10, 8]
+
+
 def test_builder_options_reach_trtexec(exported):
     plan = _plan(exported("tiny-sd"), precision="fp16", optimization_level=5, workspace_mb=2048, refit=True,
                  strip_weights=True, version_compatible=True, hardware_compatibility="same_compute_capability",
-                 timing_cache="caches/sd.cache")
+                 timing_cache="caches/sd.cache", trt_version="10.10.0")
     b = plan["builder"]
     assert b["workspace_bytes"] == 2048 * 2**20 and b["timing_cache"] == "caches/sd.cache"
     built = trtexec_args(plan, "unet", "e.plan", plan["builder"]["timing_cache"])
     for a in ("--builderOptimizationLevel=5", "--memPoolSize=workspace:2048M", "--refit", "--stripWeights",
               "--versionCompatible", "--hardwareCompatibilityLevel=sameComputeCapability",
-              "--timingCacheFile=caches/sd.cache", "--skipInference", "--onnx=onnx/unet/model.onnx"):
+              "--timingCacheFile=caches/sd.cache", "--skipInference", "--onnx=onnx/unet/model.onnx", "--device=0"):
         assert a in built
     script = build_script(plan)
     assert "TIMING_CACHE=caches/sd.cache" in script
+    assert '--device="$GPU_INDEX"' in script and "export CUDA_DEVICE_ORDER=PCI_BUS_ID" in script
 
 
 # --- golden plan and build job ----------------------------------------------------------------
 
 
 def test_golden_plan_and_script_tiny_sd_fp16(exported):
+    """TensorRT 10.x: fp16 as a builder flag on the fp32 graph."""
     plan = _plan(exported("tiny-sd"), precision="fp16", sizes=["32:64:96", "96:128:128"])
     _assert_golden("tensorrt_tiny-sd_fp16_sm89.plan.json", json.dumps(plan, indent=2, sort_keys=True) + "\n")
     _assert_golden("tensorrt_tiny-sd_fp16_sm89.build_engines.sh", build_script(plan))
+
+
+def test_golden_plan_and_script_tiny_sd_fp16_tensorrt_11(fp16_tree):
+    """TensorRT 11.x: fp16 strongly typed from the fp16-with-islands graphs."""
+    plan = _plan(fp16_tree, precision="fp16", sizes=["32:64:96", "96:128:128"], trt_version="11.0.0")
+    _assert_golden("tensorrt11_tiny-sd_fp16_sm89.plan.json", json.dumps(plan, indent=2, sort_keys=True) + "\n")
+    script = build_script(plan)
+    _assert_golden("tensorrt11_tiny-sd_fp16_sm89.build_engines.sh", script)
+    assert "--stronglyTyped" in script and "--fp16" not in script
 
 
 def test_golden_script_tiny_sdxl_unknown_gpu_portable(exported, monkeypatch):
@@ -289,10 +397,10 @@ def test_golden_script_tiny_sdxl_unknown_gpu_portable(exported, monkeypatch):
 
     monkeypatch.setattr(trt_target, "detect_cc", lambda: None)
     monkeypatch.setattr(trt_target, "detect_trt_version", lambda: None)
-    plan = _plan(exported("tiny-sdxl"), components=["unet"], precision="bf16", gpu=None, trt_version=None,
+    plan = _plan(exported("tiny-sdxl"), components=["unet"], precision="bf16", gpu=None, trt_version="10",
                  hardware_compatibility="ampere_plus", workspace_mb=4096, refit=True, strip_weights=True,
                  version_compatible=True, optimization_level=5, batch="1:1:2")
-    assert plan["min_compute_capability"] == 80
+    assert plan["min_compute_capability"] == 80 and plan["trt_version"] == "unknown" and plan["trt_major"] == 10
     _assert_golden("tensorrt_tiny-sdxl_bf16_portable.build_engines.sh", build_script(plan))
 
 
@@ -303,13 +411,14 @@ def test_build_script_is_valid_bash(exported):
 
 
 def _stub_tools(bin_dir: Path, cc: str, banner: str) -> Path:
-    """Stand-ins for nvidia-smi and trtexec that only exercise the script's own logic (no TensorRT here)."""
+    """Stand-ins for nvidia-smi and trtexec that only exercise the script's own logic (no TensorRT here).
+    trtexec logs its arguments and CUDA_DEVICE_ORDER; nvidia-smi logs its own to nvidia-smi.calls."""
     bin_dir.mkdir()
     log = bin_dir / "trtexec.calls"
-    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho '{cc}'\n")
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho \"$*\" >> {bin_dir / 'nvidia-smi.calls'}\necho '{cc}'\n")
     (bin_dir / "trtexec").write_text(
         "#!/bin/sh\n"
-        f"echo \"$*\" >> {log}\n"
+        f"echo \"order=$CUDA_DEVICE_ORDER $*\" >> {log}\n"
         f"case \"$*\" in *--help*) echo '&&&& RUNNING TensorRT.trtexec [TensorRT {banner}] [b43] # trtexec --help'; exit 0;; esac\n"
         "for a in \"$@\"; do case \"$a\" in --saveEngine=*) printf 'engine for %s' \"$*\" > \"${a#--saveEngine=}\";; esac; done\n"
     )
@@ -318,8 +427,9 @@ def _stub_tools(bin_dir: Path, cc: str, banner: str) -> Path:
     return log
 
 
-def _run_job(script: Path, bin_dir: Path | None) -> subprocess.CompletedProcess:
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin" if bin_dir else "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+def _run_job(script: Path, bin_dir: Path | None, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin" if bin_dir else "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"),
+           **env_vars}
     return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd="/")
 
 
@@ -330,13 +440,16 @@ def test_compile_without_tensorrt_writes_a_runnable_build_job(copy_export, tmp_p
     import targets.tensorrt as trt_target
     from diffprism.cli import main
 
+    from diffprism.jobs import compile_job
+
     monkeypatch.setattr(trt_target, "detect_cc", lambda: None)
     out = copy_export("tiny-sd")
+    compile_job(out, target="onnxruntime", precision="fp16", components=["unet", "vae_decoder"])
     code = main(["--json", "compile", str(out), "--target", "tensorrt", "--precision", "fp16",
                  "--components", "unet,vae_decoder", "--option", "sizes=[\"32:64:96\",\"96:128:128\"]"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["ok"]
-    job = out / "tensorrt-fp16-smunknown-trtunknown"
+    job = out / "tensorrt-fp16-smunknown-trt11-typed"  # nothing detected: TensorRT 11, the version left to the job
     assert Path(report["dir"]) == job
     assert "GPU machine" in report["note"] and "build_engines.sh" in report["note"]
     script = job / "build_engines.sh"
@@ -346,19 +459,26 @@ def test_compile_without_tensorrt_writes_a_runnable_build_job(copy_export, tmp_p
     manifest = json.loads((out / "manifest.json").read_text())
     entry = manifest["targets"]["tensorrt-fp16"]
     assert entry["details"]["unet"]["built"] is False and entry["details"]["unet"]["gpu"] == "smunknown"
-    assert "tensorrt-fp16-smunknown-trtunknown/build_engines.sh" in manifest["files"]
+    assert "tensorrt-fp16-smunknown-trt11-typed/build_engines.sh" in manifest["files"]
 
     # No trtexec on PATH: a clear message, not a half-built folder.
     missing = _run_job(script, None)
     assert missing.returncode != 0 and "trtexec not found on PATH" in missing.stderr
 
-    # On a GPU box the job detects sm89 / TensorRT 10.8.0 and builds into the matching folder.
+    # A TensorRT 10 trtexec cannot build what was planned the TensorRT 11 way.
     calls = _stub_tools(tmp_path / "bin", "8.9", "v100800")
-    done = _run_job(script, tmp_path / "bin")
+    wrong = _run_job(script, tmp_path / "bin")
+    assert wrong.returncode == 1 and "TensorRT 11 way" in wrong.stderr and "trt_version=10.8.0" in wrong.stderr
+    assert not calls.exists() or "--onnx" not in calls.read_text()
+
+    # On a GPU box with TensorRT 11.0.0 the job detects sm89 and builds into the matching folder, on GPU_INDEX.
+    shutil.rmtree(tmp_path / "bin")
+    calls = _stub_tools(tmp_path / "bin", "8.9", "v110000")
+    done = _run_job(script, tmp_path / "bin", GPU_INDEX="1")
     assert done.returncode == 0, done.stderr
-    engines = out / "tensorrt-fp16-sm89-trt10.8.0"
+    engines = out / "tensorrt-fp16-sm89-trt11.0.0-typed"
     record = json.loads((engines / "engines.json").read_text())
-    assert record["gpu"] == "sm89" and record["trt_version"] == "10.8.0" and record["compute_capability"] == "8.9"
+    assert record["gpu"] == "sm89" and record["trt_version"] == "11.0.0" and record["compute_capability"] == "8.9"
     import hashlib
 
     for name in ("unet", "vae_decoder"):
@@ -366,10 +486,14 @@ def test_compile_without_tensorrt_writes_a_runnable_build_job(copy_export, tmp_p
         assert record["engines"][name]["sha256"] == hashlib.sha256(data).hexdigest()
         assert not (engines / name / "model.plan.partial").exists()
     assert (engines / "plan.json").is_file()
-    unet_call = next(line for line in calls.read_text().splitlines() if "onnx/unet/model.onnx" in line)
     # 1 image: the UNet's 2 latents under guidance
+    unet_call = next(line for line in calls.read_text().splitlines() if "unet/model.onnx" in line)
     assert "--profile=0 --minShapes=sample:2x4x16x16" in unet_call and "--profile=1" in unet_call
-    assert "--fp16" in unet_call and f"--timingCacheFile={engines.name}/timing.cache" in unet_call
+    assert "onnx-fp16/unet/model.onnx" in unet_call and "--stronglyTyped" in unet_call and "--fp16" not in unet_call
+    assert f"--timingCacheFile={engines.name}/timing.cache" in unet_call
+    # trtexec builds on the GPU whose compute capability was checked, numbered as nvidia-smi numbers it
+    assert "--device=1" in unet_call and unet_call.startswith("order=PCI_BUS_ID ")
+    assert "-i 1" in (tmp_path / "bin" / "nvidia-smi.calls").read_text()
 
 
 def test_build_job_refuses_a_gpu_it_was_not_planned_for(exported, tmp_path):
@@ -381,6 +505,37 @@ def test_build_job_refuses_a_gpu_it_was_not_planned_for(exported, tmp_path):
     result = _run_job(job / "build_engines.sh", tmp_path / "bin")
     assert result.returncode == 1 and "targets sm89 but GPU 0 is sm86" in result.stderr
     assert not (job / "unet").exists()
+
+
+@pytest.mark.parametrize("version,banner,match", [
+    ("10.8.0", "v110000", "TensorRT 10 way"),  # planned weakly typed, found 11 (no --fp16 there)
+    ("10", "v100800", None),  # a major alone: any 10.x from 10.8 builds it
+])
+def test_build_job_refuses_another_tensorrt_major(exported, tmp_path, version, banner, match):
+    plan = _plan(exported("tiny-sd"), components=["unet"], precision="fp16", trt_version=version)
+    job = tmp_path / "set" / plan["dir"]
+    job.mkdir(parents=True)
+    (job / "build_engines.sh").write_text(build_script(plan))
+    (job / "plan.json").write_text(json.dumps(plan))
+    (tmp_path / "set" / "onnx").symlink_to(exported("tiny-sd") / "onnx", target_is_directory=True)
+    _stub_tools(tmp_path / "bin", "8.9", banner)
+    result = _run_job(job / "build_engines.sh", tmp_path / "bin")
+    if match is None:
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "set" / "tensorrt-fp16-sm89-trt10.8.0-flags" / "engines.json").is_file()
+    else:
+        assert result.returncode == 1 and match in result.stderr and "re-plan" in result.stderr
+
+
+def test_build_job_checks_same_compute_capability_needs_10_10(exported, tmp_path):
+    plan = _plan(exported("tiny-sd"), components=["unet"], precision="fp16", trt_version="10",
+                 hardware_compatibility="same_compute_capability")
+    job = tmp_path / "set" / plan["dir"]
+    job.mkdir(parents=True)
+    (job / "build_engines.sh").write_text(build_script(plan))
+    _stub_tools(tmp_path / "bin", "8.9", "v100800")
+    result = _run_job(job / "build_engines.sh", tmp_path / "bin")
+    assert result.returncode == 1 and "needs TensorRT >= 10.10 but trtexec is 10.8.0" in result.stderr
 
 
 def test_build_job_refuses_an_old_gpu_for_fp8(exported, tmp_path, monkeypatch):
@@ -412,6 +567,85 @@ def test_select_profile_picks_the_range_that_holds_the_feed(exported):
         select_profile(ranges, feed, "unet")
 
 
+def _fake_trt(set_timing_cache_ok: bool = True):
+    """A stand-in for the tensorrt module that records what the Python-API build asks of it."""
+    from unittest import mock
+
+    trt = mock.MagicMock()
+    builder = trt.Builder.return_value
+    trt.OnnxParser.return_value.parse_from_file.return_value = True
+    builder.build_serialized_network.return_value = b"engine"
+    config = builder.create_builder_config.return_value
+    config.set_timing_cache.return_value = set_timing_cache_ok
+    config.get_timing_cache.return_value.serialize.return_value = b"cache"
+    return trt, config
+
+
+@pytest.mark.parametrize("version,flag", [("10.8.0", "FP16"), ("11.0.0", None)])
+def test_python_api_build_sets_weak_flags_only_on_10(exported, fp16_tree, monkeypatch, version, flag):
+    import targets.tensorrt_build as tensorrt_build
+
+    trt, config = _fake_trt()
+    monkeypatch.setattr(tensorrt_build, "_trt", lambda: trt)
+    plan = _plan(fp16_tree, components=["unet"], precision="fp16", trt_version=version)
+    component = plan["components"]["unet"]
+    engine, cache = tensorrt_build.build_engine(plan, fp16_tree / component["onnx"], component["profiles"], b"")
+    assert (engine, cache) == (b"engine", b"cache")
+    flags = {call.args[0] for call in config.set_flag.call_args_list}
+    assert (trt.BuilderFlag.FP16 in flags) is (flag == "FP16") and trt.BuilderFlag.BF16 not in flags
+    trt.OnnxParser.return_value.parse_from_file.assert_called_once_with(str(fp16_tree / component["onnx"]))
+
+
+def test_python_api_build_refuses_a_rejected_timing_cache(fp16_tree, monkeypatch):
+    import targets.tensorrt_build as tensorrt_build
+
+    trt, _ = _fake_trt(set_timing_cache_ok=False)  # TensorRT says False for a cache from another device
+    monkeypatch.setattr(tensorrt_build, "_trt", lambda: trt)
+    plan = _plan(fp16_tree, components=["unet"], precision="fp16", trt_version="11.0.0")
+    component = plan["components"]["unet"]
+    with pytest.raises(ExportError, match="rejected the timing cache") as err:
+        tensorrt_build.build_engine(plan, fp16_tree / component["onnx"], component["profiles"], b"old")
+    assert "delete that file" in err.value.fix
+    trt.Builder.return_value.build_serialized_network.assert_not_called()
+
+
+class _Context:
+    """Stands in for an IExecutionContext: records profile switches."""
+
+    def __init__(self):
+        self.switches = []
+
+    def set_optimization_profile_async(self, index, stream):
+        self.switches.append(index)
+        return True
+
+
+def test_runner_switches_one_context_between_profiles(exported, tmp_path):
+    """One execution context for every profile, switched only when a feed needs another profile."""
+    plan = _plan(exported("tiny-sd"), precision="fp16", sizes=["32:64:96", "96:128:128"])
+    _, specs = read_tree_info(exported("tiny-sd") / "onnx")
+    runner = TensorRtRunner(specs["unet"], tmp_path / "model.plan")
+    runner.ranges, runner.context = engine_ranges(plan["components"]["unet"]), _Context()
+    runner.stream = type("Stream", (), {"cuda_stream": 0})()
+    small = {"sample": (2, 4, 32, 32), "timestep": (2,), "encoder_hidden_states": (2, 77, 32)}
+    large = {**small, "sample": (1, 4, 64, 64)}
+    for shapes in (small, small, large, large, small):
+        assert runner.use_profile(shapes) is runner.context
+    assert runner.context.switches == [0, 1, 0]
+
+
+def test_runner_dtype_table():
+    assert torch_dtype_name("HALF", "x") == "float16" and torch_dtype_name("BF16", "x") == "bfloat16"
+    import torch
+
+    assert getattr(torch, torch_dtype_name("FP8", "x")) is torch.float8_e4m3fn
+    for packed in ("INT4", "FP4"):
+        with pytest.raises(ExportError, match="packed type"):
+            torch_dtype_name(packed, "sample")
+    with pytest.raises(ExportError, match="does not know"):
+        torch_dtype_name("FP2", "sample")
+
+
 def test_onnxruntime_tensorrt_provider_options(exported):
     plan = _plan(exported("tiny-sd"), precision="fp16", sizes=["32:64:96", "96:128:128"], workspace_mb=1024)
     (trt_name, trt), (cuda_name, _) = onnxruntime_tensorrt_providers(plan, "vae_decoder", Path("/tmp/c"))
@@ -435,6 +669,7 @@ def test_runner_here_says_what_is_missing(copy_export, monkeypatch):
     out = copy_export("tiny-sd")
     from diffprism.jobs import compile_job
 
+    compile_job(out, target="onnxruntime", precision="fp16", components=["unet"])
     result = compile_job(out, target="tensorrt", precision="fp16", components=["unet"])
     _, specs = read_tree_info(out / "onnx")
     target = get_target("tensorrt")
@@ -442,7 +677,12 @@ def test_runner_here_says_what_is_missing(copy_export, monkeypatch):
         target.runner(result.out_dir, specs["unet"])
     runner = target.runner(result.out_dir, specs["unet"], runtime="onnxruntime")
     assert runner.providers[0][0] == "TensorrtExecutionProvider"
-    assert runner.model_path == out / "onnx" / "unet" / "model.onnx"
+    assert runner.model_path == out / "onnx-fp16" / "unet" / "model.onnx"  # TensorRT 11: the fp16 graph
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BackendUnavailable, match="did not start TensorrtExecutionProvider"):
+            runner.activate()  # never quietly on CPU while claiming TensorRT
 
 
 # --- on a GPU with TensorRT ------------------------------------------------------------------------
