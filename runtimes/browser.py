@@ -26,13 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from exporters.errors import BackendUnavailable, DiffprismError
+from exporters.errors import BackendUnavailable, DiffprismError, UsageError
 
 log = logging.getLogger(__name__)
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-extensions", "--disable-default-apps",
          "--mute-audio", "--remote-debugging-pipe")
+# WebGPU is behind this flag on Linux; with --disable-gpu the adapter is Chromium's software one (SwiftShader).
+WEBGPU_FLAGS = ("--enable-unsafe-webgpu",)
 INSTALL = "apt-get update && apt-get install -y chromium"
 
 
@@ -85,8 +87,9 @@ class StaticServer:
 class Chromium:
     """Headless Chromium with one DevTools connection over --remote-debugging-pipe (fd 3 in, fd 4 out)."""
 
-    def __init__(self, executable: str | None = None):
+    def __init__(self, executable: str | None = None, flags: tuple[str, ...] = ()):
         self.executable = executable or find_chromium()
+        self.flags = flags
         if not self.executable:
             raise BackendUnavailable("Chromium is not installed (the web target is validated in headless Chromium)",
                                      INSTALL)
@@ -104,7 +107,7 @@ class Chromium:
             os.dup2(high[0], 3)
             os.dup2(high[1], 4)
 
-        self.proc = subprocess.Popen([self.executable, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+        self.proc = subprocess.Popen([self.executable, *FLAGS, *self.flags, f"--user-data-dir={self.profile}", "about:blank"],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      close_fds=False, preexec_fn=wire)
         for fd in (to_browser_r, from_browser_w, *high):
@@ -224,19 +227,22 @@ class BrowserPipeline:
 
     backend_name = "onnxruntime-web"
 
-    def __init__(self, bundle: Path, backend: str = "wasm", chromium: str | None = None, timeout: float = 600.0):
+    def __init__(self, bundle: Path, backend: str = "wasm", threads: int = 1, chromium: str | None = None,
+                 timeout: float = 600.0):
         if backend not in ("wasm", "webgpu", "auto"):
-            raise BrowserError(f"unknown browser backend '{backend}'", "use wasm, webgpu or auto")
-        self.bundle, self.backend, self.timeout = Path(bundle), backend, timeout
+            raise UsageError(f"unknown browser backend '{backend}'", "use --option backend=wasm, webgpu or auto")
+        # One WASM thread by default: on a shared CI machine threads contend more than they help.
+        self.bundle, self.backend, self.threads, self.timeout = Path(bundle), backend, int(threads), timeout
         self.chromium = chromium
 
     def __enter__(self) -> "BrowserPipeline":
         self._server = StaticServer(self.bundle).__enter__()
         try:
-            self._browser = Chromium(self.chromium).__enter__()
-            self.tab = self._browser.open(f"{self._server.url}index.html?backend={self.backend}")
+            flags = WEBGPU_FLAGS if self.backend != "wasm" else ()
+            self._browser = Chromium(self.chromium, flags).__enter__()
+            self.tab = self._browser.open(f"{self._server.url}index.html?backend={self.backend}&threads={self.threads}")
             self.info = self.tab.evaluate("window.diffprism.ready.then((api) => ({backend: api.info.backend, "
-                                          "webgpu: api.info.webgpu, load: api.info.loadTimings}))", self.timeout)
+                                          "webgpu: api.info.webgpu, threads: api.info.threads, load: api.info.loadTimings}))", self.timeout)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -250,7 +256,7 @@ class BrowserPipeline:
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.backend_name, "browser": self._browser.version, "provider": self.info["backend"],
-                "webgpu": self.info["webgpu"]}
+                "threads": str(self.info["threads"]), "webgpu": self.info["webgpu"]}
 
     def generate(self, prompt: str, latents: np.ndarray, *, steps: int, guidance_scale: float,
                  negative_prompt: str | None = None, height: int, width: int) -> BrowserGeneration:

@@ -1,6 +1,6 @@
 // The page: a form, a canvas, a timings table, and window.diffprism, a small API for scripts and tests:
 //   await diffprism.ready; const r = await diffprism.generate({prompt, steps, guidanceScale, seed, latents});
-// Query string: ?prompt=...&negative=...&steps=4&guidance=7.5&seed=0&backend=auto|webgpu|wasm
+// Query string: ?prompt=...&negative=...&steps=4&guidance=7.5&seed=0&backend=auto|webgpu|wasm&threads=N
 //   &latents=<url of raw little-endian float32 initial latents>&run=1
 import { createPipeline, drawImage } from "./pipeline.mjs";
 
@@ -31,8 +31,9 @@ async function start() {
     if (params.has(key)) $(id).value = params.get(key);
   }
   status("loading models");
-  const pipe = await createPipeline(new URL(".", location.href), { backend: params.get("backend") || "auto" });
-  $("backend").textContent = `${pipe.info.backend} (WebGPU: ${pipe.info.webgpu})`;
+  const pipe = await createPipeline(new URL(".", location.href), {
+    backend: params.get("backend") || "auto", threads: Number(params.get("threads") || 0) });
+  $("backend").textContent = `${pipe.info.backend}, ${pipe.info.threads} WASM thread(s) (WebGPU: ${pipe.info.webgpu})`;
   status("ready");
   const api = {
     info: { ...pipe.info, bundle: pipe.bundle },

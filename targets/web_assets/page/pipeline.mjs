@@ -23,14 +23,15 @@ export async function probeWebGpu() {
   }
 }
 
-export async function createPipeline(base, { backend = "auto" } = {}) {
+// threads: WASM threads (they need a cross-origin isolated page); default up to 4.
+export async function createPipeline(base, { backend = "auto", threads = 0 } = {}) {
   const bundle = await fetchJson(new URL("bundle.json", base));
   const webgpu = await probeWebGpu();
   let chosen = backend === "auto" ? (webgpu === "available" ? "webgpu" : "wasm") : backend;
   if (chosen === "webgpu" && webgpu !== "available") throw new Error(`WebGPU is not available here: ${webgpu}`);
   if (!["webgpu", "wasm"].includes(chosen)) throw new Error(`unknown backend '${backend}' (webgpu, wasm, auto)`);
   ort.env.wasm.wasmPaths = new URL("ort/", base).href;
-  ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+  ort.env.wasm.numThreads = !self.crossOriginIsolated ? 1 : threads || Math.min(4, navigator.hardwareConcurrency || 1);
   const providers = chosen === "webgpu" ? ["webgpu", "wasm"] : ["wasm"];
   const timings = {};
   const sessions = {};
@@ -46,7 +47,7 @@ export async function createPipeline(base, { backend = "auto" } = {}) {
   const tokenizer = new ClipTokenizer(await fetchJson(new URL("tokenizer/tokenizer.json", base)),
     await fetchJson(new URL("tokenizer/tokenizer_config.json", base)));
   const scheduler = await fetchJson(new URL("scheduler/scheduler_config.json", base));
-  return new Pipeline(bundle, sessions, tokenizer, scheduler, { backend: chosen, providers, webgpu, loadTimings: timings });
+  return new Pipeline(bundle, sessions, tokenizer, scheduler, { backend: chosen, providers, webgpu, threads: ort.env.wasm.numThreads, loadTimings: timings });
 }
 
 class Pipeline {

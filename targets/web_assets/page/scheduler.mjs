@@ -73,10 +73,7 @@ class Ddim {
       else if (type === "v_prediction") { x0 = sa * x - sb * m; eps = sa * m + sb * x; }
       else if (type === "sample") { x0 = m; eps = (x - sa * x0) / sb; }
       else throw new Error(`prediction_type '${type}' is not supported`);
-      if (this.cfg.clip_sample) {
-        x0 = Math.min(range, Math.max(-range, x0));
-        eps = (x - sa * x0) / sb;
-      }
+      if (this.cfg.clip_sample) x0 = Math.min(range, Math.max(-range, x0));  // eps stays the model's
       out[k] = sPrev * x0 + sDir * eps;
     }
     return out;
