@@ -107,12 +107,17 @@ class Chromium:
             os.dup2(high[0], 3)
             os.dup2(high[1], 4)
 
+        self._log = open(Path(self.profile) / "chromium.log", "wb")  # a file: a full pipe would block Chromium
         self.proc = subprocess.Popen([self.executable, *FLAGS, *self.flags, f"--user-data-dir={self.profile}", "about:blank"],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      close_fds=False, preexec_fn=wire)
         for fd in (to_browser_r, from_browser_w, *high):
             os.close(fd)
-        self.version = self.call("Browser.getVersion", timeout=30)["product"]
+        try:
+            self.version = self.call("Browser.getVersion", timeout=30)["product"]
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -130,6 +135,7 @@ class Chromium:
                 os.close(fd)
             except OSError:
                 pass
+        self._log.close()
         shutil.rmtree(self.profile, ignore_errors=True)
 
     def call(self, method: str, params: dict | None = None, session: str | None = None,
@@ -167,7 +173,8 @@ class Chromium:
                 continue
             chunk = os.read(self._from_browser, 1 << 20)
             if not chunk:
-                err = self.proc.stderr.read().decode(errors="replace")[-800:] if self.proc.poll() is not None else ""
+                self._log.flush()
+                err = (Path(self.profile) / "chromium.log").read_bytes().decode(errors="replace")[-800:]
                 raise BackendUnavailable(f"Chromium exited: {err.strip() or 'no message'}", INSTALL)
             self._buffer += chunk
         raw, _, self._buffer = self._buffer.partition(b"\0")
@@ -177,6 +184,8 @@ class Chromium:
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         tab = Tab(self, session)
+        tab.call("Emulation.setDeviceMetricsOverride", {"width": 900, "height": 1200, "deviceScaleFactor": 1,
+                                                        "mobile": False})  # the whole page in a screenshot
         tab.call("Runtime.enable")
         tab.call("Page.enable")
         tab.call("Page.navigate", {"url": url})

@@ -34,6 +34,7 @@ BUNDLE_INFO = "bundle.json"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # what the page's text-to-image loop runs
 UNET_INPUTS = {"sample", "timestep", "encoder_hidden_states"}  # no added conditioning (SDXL) in the page yet
 SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler")  # the classes scheduler.mjs implements
+RUNNER_OPTIONS = ("backend", "threads", "chromium", "timeout")  # validate --option for the browser run
 
 # precision -> component -> ONNX Runtime method (targets.onnxruntime.build_component).
 POLICY = {
@@ -144,6 +145,9 @@ class WebTarget(Target):
         """The whole bundle in headless Chromium (runtimes.browser): what validation judges by its image."""
         from runtimes.browser import BrowserPipeline
 
+        unknown = sorted(set(options) - set(RUNNER_OPTIONS))
+        if unknown:
+            raise UsageError(f"the web runner has no option(s) {unknown}", f"valid: {', '.join(RUNNER_OPTIONS)}")
         return BrowserPipeline(artifact_dir, **options)
 
 

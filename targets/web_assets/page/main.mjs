@@ -39,6 +39,10 @@ async function start() {
     info: { ...pipe.info, bundle: pipe.bundle },
     async generate(opts) {
       status("generating");
+      for (const [key, id] of [["prompt", "prompt"], ["negativePrompt", "negative"], ["steps", "steps"],
+        ["guidanceScale", "guidance"], ["seed", "seed"]]) {
+        if (opts[key] !== undefined) $(id).value = opts[key];  // the form shows what ran
+      }
       const latents = typeof opts.latents === "string" ? fromBase64(opts.latents) : opts.latents;
       const result = await pipe.generate({ ...opts, latents });
       drawImage($("canvas"), result);
