@@ -51,11 +51,11 @@ export class ClipTokenizer {
         if (rank !== undefined && rank < bestRank) { bestRank = rank; best = i; }
       }
       if (best < 0) break;
-      const pair = word[best] + word[best + 1];
+      const [first, second] = [word[best], word[best + 1]];
       const merged = [];
       for (let i = 0; i < word.length; i++) {  // merge every occurrence of the best pair, left to right
-        if (i < word.length - 1 && word[i] + " " + word[i + 1] === word[best] + " " + word[best + 1]) {
-          merged.push(pair); i++;
+        if (i < word.length - 1 && word[i] === first && word[i + 1] === second) {
+          merged.push(first + second); i++;
         } else merged.push(word[i]);
       }
       word = merged;
