@@ -185,7 +185,7 @@ def test_browser_image_matches_pytorch_on_wasm(bundle_out):
 
     result = pipeline_e2e_job(bundle_out, target="web", precision="fp32", requests=_requests())
     assert result.error is None
-    assert result.runner["pipeline"]["provider"] == "wasm"
+    assert result.runner["pipeline"]["provider"] == "wasm" and result.label == "web-fp32 (wasm)"
     assert result.passed, result.checks[0].violations
     check = result.checks[0]
     assert check.metrics["latent_rel_l2"] < 1e-4 and check.metrics["psnr"] > 45  # fp32 bounds, with room
