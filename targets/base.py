@@ -89,6 +89,7 @@ REGISTRY = {
     "openvino": "targets.openvino:OpenVinoTarget",
     "tensorrt": "targets.tensorrt:TensorRtTarget",
     "coreml": "targets.coreml:CoreMlTarget",
+    "web": "targets.web:WebTarget",
 }
 
 

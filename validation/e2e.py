@@ -90,14 +90,21 @@ class ImageCheck:
     violations: list[str]
     seconds: float
     image: str = ""  # path of the candidate PNG, relative to the output folder (set by the caller)
+    screenshot: str = ""  # a screenshot of the page that drew it (pipeline targets such as web)
+    timings: dict[str, Any] = field(default_factory=dict)  # what the runtime reported (ms per stage)
 
     @property
     def passed(self) -> bool:
         return not self.violations
 
     def to_json(self) -> dict[str, Any]:
-        return {"request": self.request.to_json(), "metrics": self.metrics, "violations": self.violations,
+        data = {"request": self.request.to_json(), "metrics": self.metrics, "violations": self.violations,
                 "passed": self.passed, "seconds": round(self.seconds, 3), "image": self.image}
+        if self.screenshot:
+            data["screenshot"] = self.screenshot
+        if self.timings:
+            data["timings"] = self.timings
+        return data
 
 
 @dataclass

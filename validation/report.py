@@ -126,8 +126,10 @@ def _images(out: Path, validation: dict[str, Any]) -> str:
                        f'latent rel L2 {_num(m.get("latent_rel_l2"), ".2e")} {_badge(c.get("passed"))}')
             bad = "; ".join(c.get("violations") or [])
             title = f' title="{_e(bad)}"' if bad else ""
+            shot = (f'<details><summary>page screenshot</summary>{_img(out, c["screenshot"], "screenshot")}</details>'
+                    if c.get("screenshot") else "")
             cells.append(f'<figure class="cell"{title}>{_img(out, c.get("image", ""), label)}'
-                         f'<figcaption>{caption}</figcaption></figure>')
+                         f'<figcaption>{caption}</figcaption>{shot}</figure>')
     columns = len(labels) + 2
     tolerances = _table(["variant", "judged as", "latent rel L2 ≤", "PSNR ≥", "SSIM ≥", "runs on"], [
         [_e(label), _e(results[label].get("precision")), _num(results[label]["tolerance"]["latent_rel_l2"]),

@@ -15,18 +15,47 @@ def add_e2e_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--e2e-guidance-scale", type=float, default=7.5, help="guidance scale (default 7.5)")
 
 
-def run_e2e(args: argparse.Namespace, progress, runner_options) -> list:
-    from diffprism.e2e_jobs import e2e_job, parse_size
-    from diffprism.placement import Placement, resolve
+def e2e_requests(args: argparse.Namespace) -> list:
+    from diffprism.e2e_jobs import parse_size
     from exporters.errors import UsageError
     from validation.e2e import PROMPTS, requests_for
 
     if args.e2e_steps < 1:
         raise UsageError(f"--e2e-steps {args.e2e_steps} must be at least 1", "pass e.g. --e2e-steps 10")
-    requests = requests_for(args.e2e_prompt or PROMPTS, size=parse_size(args.e2e_size, args.dir),
-                            steps=args.e2e_steps, guidance_scale=args.e2e_guidance_scale)
+    return requests_for(args.e2e_prompt or PROMPTS, size=parse_size(args.e2e_size, args.dir),
+                        steps=args.e2e_steps, guidance_scale=args.e2e_guidance_scale)
+
+
+def run_e2e(args: argparse.Namespace, progress, runner_options) -> list:
+    from diffprism.e2e_jobs import e2e_job
+    from diffprism.placement import Placement, resolve
+
     variant = resolve(args.dir, Placement.parse(f"{args.target}:{args.precision}"), {})
-    return e2e_job(args.dir, [variant], requests, runner_options=runner_options, progress=progress)
+    return e2e_job(args.dir, [variant], e2e_requests(args), runner_options=runner_options, progress=progress)
+
+
+def run_pipeline_target(args: argparse.Namespace, ui) -> int:
+    """Validate a target whose artifact is a whole pipeline (web): the image-level check is the validation."""
+    from diffprism.bundle_jobs import pipeline_e2e_job
+    from diffprism.commands.common import parse_options
+    from diffprism.e2e_jobs import report_job
+    from diffprism.lock import folder_lock
+    from exporters.errors import EXIT_OK, EXIT_VALIDATION_FAILED
+
+    with folder_lock(args.dir), ui.progress(f"validate {args.target} {args.precision}") as update:
+        result = pipeline_e2e_job(args.dir, target=args.target, precision=args.precision, requests=e2e_requests(args),
+                                  runner_options=parse_options(args.option), progress=update)
+        report_job(args.dir)
+    runner = result.runner.get("pipeline", {})
+    if runner:
+        ui.info(", ".join(f"{k}: {v}" for k, v in runner.items()))
+    print_e2e(ui, [result])
+    for i, c in enumerate(result.checks):
+        steps = c.timings.get("steps") or []
+        ui.info(f"prompt {i}: {c.timings.get('backend')} total {c.timings.get('total', 0):.0f} ms, "
+                f"{len(steps)} UNet steps at {sum(steps) / max(1, len(steps)):.0f} ms each; screenshot {c.screenshot}")
+    ui.emit({"ok": result.passed, "e2e": [result.to_json()]})
+    return EXIT_OK if result.passed else EXIT_VALIDATION_FAILED
 
 
 def print_e2e(ui, results) -> None:

@@ -16,7 +16,7 @@ def register(sub) -> None:
     p = sub.add_parser("validate", help="compare built artifacts with PyTorch (exit 1 on any failure)")
     p.add_argument("dir", type=out_dir, help="folder written by 'diffprism export'")
     p.add_argument("--target", "--runtime", dest="target", default="onnxruntime",
-                   help="onnxruntime (default), openvino, tensorrt, coreml")
+                   help="onnxruntime (default), openvino, tensorrt, coreml, web")
     p.add_argument("--precision", default=None, help="variant to validate (default: the target's, fp32; Core ML fp16)")
     add_components(p)
     p.add_argument("--rel-l2", type=float, help="override the relative L2 bound for this run")
@@ -41,10 +41,14 @@ def policy_from(args: argparse.Namespace, components: list[str]) -> Policy:
 def run(args: argparse.Namespace, ui) -> int:
     from diffprism.jobs import select, tree_specs
 
+    from diffprism.bundle_jobs import is_pipeline_target
+    from diffprism.commands.imagecheck import run_pipeline_target
     from targets.base import get_target
 
     _, specs = tree_specs(args.dir)
     args.precision = args.precision or get_target(args.target).Config.model_fields["precision"].default
+    if is_pipeline_target(args.target):  # web: judged by the image its page draws
+        return run_pipeline_target(args, ui)
     names = list(select(specs, args.components))
     with folder_lock(args.dir), ui.progress(f"validate {args.target} {args.precision}") as update:
         result = validate_job(args.dir, target=args.target, precision=args.precision, components=args.components,
