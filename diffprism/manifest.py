@@ -247,8 +247,10 @@ def unowned_problems(out: Path, data: dict[str, Any], owned: Iterable[str], cach
 def preflight(out: Path, owned: Iterable[str]) -> None:
     """Refuse to start work on a set whose files (outside `owned`) no longer match its manifest."""
     data = load(out)
-    if data is None:
+    pending = _PENDING.get(Path(out).absolute())
+    if data is None or (pending is not None and pending["owned"] is None):
         return
+    owned = [*owned, *(pending["owned"] if pending is not None else [])]  # what this command already wrote
     cache = hash_cache(out)
     problems = unowned_problems(out, data, owned, cache)
     cache.save()
