@@ -10,13 +10,14 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import stat
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from exporters.errors import IntegrityError, OutputError
 from exporters.files import STAGING, HashCache, sha256_file, write_json_atomic
@@ -27,6 +28,7 @@ SCHEMA = 1
 LOCK = ".diffprism.lock"
 STAGES = ".stages"  # build stage records (diffprism.build): bookkeeping, not part of the set
 IGNORED = {MANIFEST, LOCK, STAGING, STAGES}
+VARIANT_KEY = re.compile(r"^[^\s/\\\[\]]{1,256}$")  # e.g. openvino-int8, e2e:unet=openvino-int8+...
 PACKAGES = ("diffprism", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "openvino",
             "nncf", "coremltools", "tensorrt", "polygraphy", "numpy")
 
@@ -91,6 +93,14 @@ class Schema(BaseModel):
     stages: dict[str, Any] = Field(default_factory=dict)
     request: dict[str, Any] = Field(default_factory=dict)
     source: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("validation", "targets")
+    @classmethod
+    def _variant_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:  # variant labels end up in folder names, tables and scripts
+            if not VARIANT_KEY.match(name) or not name.isprintable():
+                raise ValueError(f"variant name {printable(name)!r} is not allowed")
+        return value
 
 
 def hash_cache(out: Path) -> HashCache:

@@ -341,6 +341,7 @@ MANIFEST_DAMAGE = {
     "no-size": lambda p: _rewrite(p, lambda d: d["files"]["onnx/model_index.json"].pop("size")),
     "not-utf8": lambda p: p.write_bytes(b"\xff\xfe{}"),
     "dot-entry": lambda p: _rewrite(p, lambda d: d["files"].__setitem__(".", {"sha256": "0" * 64, "size": 1})),
+    "variant-name": lambda p: _rewrite(p, lambda d: d["validation"].__setitem__("x [red]/../y", {})),
 }
 
 
