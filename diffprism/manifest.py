@@ -425,12 +425,9 @@ def verdict_entry(result: dict[str, Any], checked: dict[str, dict[str, str]], ex
         components[name] = {"status": component_status(result, name), "files": files,
                             "comparisons": len(mine), "failed": sum(not c.get("passed") for c in mine)}
     exported = list(exported)
-    complete = all(n in components for n in exported)
-    statuses = [components[n]["status"] for n in exported if n in components]
-    if not complete or "failed" in statuses:
-        status = "failed" if "failed" in statuses else "partial"
-    else:
-        status = "structural" if "structural" in statuses else "passed"
+    complete = all(n in components for n in exported)  # publish needs this too, see verdict_problems
+    statuses = [c["status"] for c in components.values()]
+    status = "failed" if "failed" in statuses else "structural" if "structural" in statuses else "passed"
     return {
         "passed": status == "passed" if status != "structural" else None,
         "status": status,
@@ -461,10 +458,12 @@ def verdict_problems(data: dict[str, Any], exported: Iterable[str]) -> tuple[lis
         if not isinstance(components, dict):
             unproven.append(f"{key}: the verdict does not name the files it checked (re-run 'diffprism validate')")
             continue
-        missing = [n for n in exported if n not in components]
+        # A variant compiled for a subset of components (compile --components) answers for those.
+        required = ((data.get("targets") or {}).get(key, {}).get("config") or {}).get("components") or exported
+        missing = [n for n in required if n not in components]
         if missing:
             unproven.append(f"{key}: partial validation, {', '.join(missing)} not validated")
-        bad = [n for n in exported if n in components and components[n].get("status") not in PUBLISHABLE]
+        bad = [n for n in components if components[n].get("status") not in PUBLISHABLE]
         if bad:
             failed.append(f"{key} ({', '.join(bad)})")
         for name, c in sorted(components.items()):
