@@ -93,7 +93,7 @@ def source_identity(recipe: Recipe) -> dict[str, Any]:
         return {"preset": src.preset, "seed": src.seed}
     if src.path:
         path = Path(src.path).expanduser()
-        sources.check_folder(path, src.allow_pickle)
+        sources.check_folder(path, src.allow_pickle, recipe.components)
         return {"weights_sha256": sources.weights_digest(path)}
     if not src.revision:
         log.warning("hub source %s has no revision: pin a commit so reruns build the same weights", src.hub)
@@ -260,13 +260,16 @@ class Builder:
             result = validate(specs, lambda spec: tgt.runner(artifacts, spec), self.out / REFERENCE_DIR,
                               target=build.target, precision=build.precision, policy=self.recipe.validation.policy(),
                               progress=lambda c: self.progress(f"validate {build.id}: {c}"))
-            return [], {"report": result.to_json(), "hardware": manifest.hardware()}
+            folder = artifacts.relative_to(self.out).as_posix()
+            return [], {"report": result.to_json(), "hardware": manifest.hardware(), "dir": folder,
+                        "checked": manifest.checked_files(self.out, artifacts, specs)}
 
         outcome = self.stage(stage_name("validate", build), self.keys.validate(build), run)
         report = outcome.result["report"]
+        exported = list(read_tree_info(self.out / ONNX_DIR)[1])
         self.report.verdicts[f"{build.target}-{build.precision}"] = {
-            "passed": report["passed"], "status": report["status"], "comparisons": len(report["comparisons"]),
-            "failed": sum(not c["passed"] for c in report["comparisons"]), "runner": report["runner"],
+            **manifest.verdict_entry(report, outcome.result.get("checked") or {}, exported,
+                                     folder=outcome.result.get("dir")),
             "hardware": outcome.result["hardware"],
         }
         return outcome
@@ -285,12 +288,13 @@ class Builder:
         data["stages"] = {"export": {k: v for k, v in export.result.items() if k != "source"}}
         data["targets"] = {k: v.result for k, v in compiled.items()}
         data["validation"] = dict(self.report.verdicts)
-        if self._html_report_module():
-            # The HTML report renders from the manifest, so write one first; it carries no stage keys,
-            # so a build killed before the final write is finished again on the next run.
-            manifest.write(self.out, data)
-            self._html_report_module().write_report(self.out)
         data["stages"]["keys"] = keys
+        if self._html_report_module():
+            # The HTML report renders from the manifest data about to be written (one manifest write).
+            cache = manifest.hash_cache(self.out)
+            data["files"] = manifest.scan_files(self.out, cache)
+            cache.save()
+            self._html_report_module().write_report(self.out, manifest=data)
         manifest.write(self.out, data)
 
     @staticmethod

@@ -1,8 +1,8 @@
 """diffprism command line. Subcommands live in diffprism/commands/, one module each.
 
-Exit codes (stable, documented in README.md): 0 ok, 1 validation failed, 2 usage error,
+Exit codes (stable, documented in README.md): 0 ok, 1 validation ran and failed, 2 usage error,
 3 bad input (source, folder), 4 export/compile failed, 5 backend unavailable,
-6 integrity check failed, 7 output folder locked.
+6 integrity check failed, 7 output folder locked, 8 unexpected internal error.
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import warnings
 
 from diffprism import __version__
 from diffprism.ui import UI
-from exporters.errors import EXIT_USAGE, DiffprismError
+from exporters.errors import EXIT_INTERNAL, EXIT_USAGE, DiffprismError, OutputError
+
+log = logging.getLogger("diffprism")
 
 # Each module has register(subparsers) and sets args.func(args, ui) -> int.
 COMMANDS = (
@@ -35,9 +37,14 @@ COMMANDS = (
 
 
 class _Parser(argparse.ArgumentParser):
+    json_mode = False  # set from argv before parsing: usage errors are JSON too under --json
+
     def error(self, message: str) -> None:  # one line, exit code 2, like every usage error
         self.print_usage(sys.stderr)
         sys.stderr.write(f"error: {message}\n")
+        if _Parser.json_mode:
+            UI(json_mode=True).emit({"ok": False, "error": message, "fix": f"see '{self.prog} --help'",
+                                     "exit_code": EXIT_USAGE})
         raise SystemExit(EXIT_USAGE)
 
 
@@ -69,7 +76,14 @@ def _configure_logging(verbose: int) -> None:
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _fail(ui: UI, exc: DiffprismError) -> int:
+    ui.error(str(exc))
+    ui.emit({"ok": False, "error": exc.message, "fix": exc.fix, "exit_code": exc.exit_code})
+    return exc.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
+    _Parser.json_mode = "--json" in (sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
@@ -77,12 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, ui))
     except DiffprismError as exc:
-        ui.error(str(exc))
-        ui.emit({"ok": False, "error": exc.message, "fix": exc.fix, "exit_code": exc.exit_code})
-        return exc.exit_code
+        return _fail(ui, exc)
     except KeyboardInterrupt:
         ui.error("interrupted; nothing half-written was kept")
         return 130
+    except OSError as exc:  # a file that cannot be read or written: the folder, not diffprism
+        where = f" {exc.filename}" if exc.filename else ""
+        log.debug("OS error", exc_info=True)
+        return _fail(ui, OutputError(f"cannot use{where}: {exc.strerror or exc}",
+                                     "check the path exists, its permissions and the free disk space"))
+    except Exception as exc:  # a bug: its own exit code, so a script never reads it as a verdict
+        log.debug("unexpected error", exc_info=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err = DiffprismError(f"unexpected error: {type(exc).__name__}: {first}",
+                             "a bug in diffprism; re-run with -vv for the traceback and report it")
+        err.exit_code = EXIT_INTERNAL
+        return _fail(ui, err)
 
 
 def entry() -> None:

@@ -75,11 +75,11 @@ def _runner_info(pipe: Any) -> dict[str, dict[str, str]]:
 
 
 def _finish(out: Path, update: Callable[[dict[str, Any]], None]) -> None:
-    """Rewrite report.html from what report/ holds, then the manifest (always last)."""
-    report.write_report(out)
-    data = manifest.load(out) or manifest.new({"command": "report"})
+    """Rewrite report.html from what report/ holds, then the manifest (always last; it records only report/)."""
+    data = manifest.current(out)
     update(data)
-    manifest.write(out, data)
+    report.write_report(out, manifest=data)
+    manifest.commit(out, [REPORT_DIR], update, request={"command": "report"})
 
 
 # --- generate -----------------------------------------------------------------------------
@@ -241,8 +241,8 @@ def _artifact_bytes(runners: Runners, name: str, placement: Placement) -> int | 
 
 def report_job(out: Path) -> Path:
     tree_specs(out)  # a clear error for a folder that is not an export
-    path = report.write_report(out)
-    data = manifest.load(out)
-    if data is not None:
-        manifest.write(out, data)
+    manifest.preflight(out, [REPORT_DIR])
+    path = report.write_report(out, manifest=manifest.current(out))
+    if manifest.load(out) is not None:
+        manifest.commit(out, [REPORT_DIR], lambda data: None)
     return path

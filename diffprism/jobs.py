@@ -35,7 +35,8 @@ def export_job(source: str, out: Path, *, components: list[str] | None = None, s
     auto = streaming is None
     # Pickled weights cannot be streamed (only safetensors are read tensor by tensor).
     src = sources.load(source, allow_pickle=allow_pickle, revision=revision,
-                       empty=bool(streaming) if not auto else not allow_pickle)
+                       empty=bool(streaming) if not auto else not allow_pickle,
+                       components=components)
     streamed = src.empty
 
     def run(src: sources.Source, streamed: bool) -> ExportResult:
@@ -51,7 +52,7 @@ def export_job(source: str, out: Path, *, components: list[str] | None = None, s
         if not (auto and streamed):
             raise
         log.warning("streamed export not possible (%s); loading the weights for the plain export", exc.message)
-        src = sources.load(source, allow_pickle=allow_pickle, revision=revision)
+        src = sources.load(source, allow_pickle=allow_pickle, revision=revision, components=components)
         streamed = False
         result = run(src, False)
     data = manifest.new(request or {"command": "export", "source": source})
@@ -89,8 +90,8 @@ def select(specs: dict[str, ComponentSpec], components: list[str] | None) -> dic
 def validate_job(out: Path, *, target: str = "onnxruntime", precision: str | None = "fp32",
                  components: list[str] | None = None, policy: Policy = Policy(),
                  runner_options: dict[str, Any] | None = None, progress: Progress | None = None) -> ValidationResult:
-    _, specs = tree_specs(out)
-    specs = select(specs, components)
+    _, exported = tree_specs(out)
+    specs = select(exported, components)
     tgt = get_target(target)
     options = dict(runner_options or {})
     # Options that are target config fields (e.g. Core ML compress) pick the variant; the rest go to the runner.
@@ -102,6 +103,8 @@ def validate_job(out: Path, *, target: str = "onnxruntime", precision: str | Non
     if not artifacts.is_dir():
         raise SourceError(f"no {target} {precision} artifacts at {artifacts}",
                           f"run 'diffprism compile {out} --target {target} --precision {precision}' first")
+    owned = [REPORT_DIR, *_unrecorded(out, artifacts)]
+    manifest.preflight(out, owned)
     missing = tgt.runner_availability() if hasattr(tgt, "inspect") else None
     if missing is not None and not missing.ok:
         # Numerics cannot run here (e.g. Core ML off macOS): check the artifacts' structure and say so.
@@ -110,44 +113,49 @@ def validate_job(out: Path, *, target: str = "onnxruntime", precision: str | Non
             if progress:
                 progress(name)
             result.structure[name] = tgt.inspect(artifacts, spec, config)
-        record_validation(out, result)
+        record_validation(out, result, artifacts, list(exported), owned, references=False)
         return result
     tolerance = tgt.tolerance_precision(config) if hasattr(tgt, "tolerance_precision") else precision
     result = validate(specs, lambda spec: tgt.runner(artifacts, spec, **options), out / REFERENCE_DIR,
                       target=target, precision=tolerance, policy=policy, progress=progress)
     result.precision = label
-    record_validation(out, result)
+    record_validation(out, result, artifacts, list(exported), owned)
     return result
 
 
-def record_validation(out: Path, result: ValidationResult) -> None:
-    """Merge the verdict into report/validation.json and the manifest (manifest last)."""
+def _unrecorded(out: Path, artifacts: Path) -> list[str]:
+    """The artifact folder when the manifest records none of it (engines built by a job elsewhere, e.g. the
+    TensorRT build job): validating it records it. Files the manifest already lists are never re-blessed."""
+    data = manifest.load(out) or {}
+    if not artifacts.is_relative_to(out):
+        return []
+    rel = artifacts.relative_to(out).as_posix()
+    return [] if any(f == rel or f.startswith(rel + "/") for f in data.get("files", {})) else [rel]
+
+
+def record_validation(out: Path, result: ValidationResult, artifacts: Path, exported: list[str],
+                      owned: list[str], *, references: bool = True) -> None:
+    """Merge the verdict into report/validation.json and the manifest (manifest last), naming the
+    sha256 of every file each component's check read; a partial run merges per component."""
     key = f"{result.target}-{result.precision}"
+    checked = manifest.checked_files(out, artifacts, result.structure or result.runner, references=references)
     report_path = out / REPORT_DIR / "validation.json"
     report = _read_json(report_path)
     report.setdefault("results", {})[key] = result.to_json()
     write_json_atomic(report_path, report)
-    data = manifest.load(out) or manifest.new({"command": "validate"})
-    data.setdefault("validation", {})[key] = {
-        "passed": result.passed if result.status == "numeric" else None,
-        "status": result.status,
-        "verdict": result.verdict,
-        "comparisons": len(result.comparisons),
-        "failed": sum(not c.passed for c in result.comparisons),
-        "runner": result.runner,
-    }
-    manifest.write(out, data)
+    folder = artifacts.relative_to(out).as_posix() if artifacts.is_relative_to(out) else None
+
+    def update(data: dict[str, Any]) -> None:
+        verdicts = data.setdefault("validation", {})
+        verdicts[key] = manifest.verdict_entry(result.to_json(), checked, exported, verdicts.get(key), folder=folder)
+
+    manifest.commit(out, owned, update, request={"command": "validate"})
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
+    from validation.report import read_json
 
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            log.warning("ignoring unreadable %s", path)
-    return {}
+    return read_json(path)
 
 
 def compile_job(out: Path, *, target: str, precision: str | None, components: list[str] | None = None,
@@ -157,6 +165,8 @@ def compile_job(out: Path, *, target: str, precision: str | None, components: li
     specs = select(specs, components)
     tgt = get_target(target)
     config = tgt.config(precision=precision, components=components, **(options or {}))
+    planned = tgt.output_dir(out, config)
+    manifest.preflight(out, [] if planned == out / ONNX_DIR else [planned.relative_to(out).as_posix()])
     plan = tgt.plan(out / ONNX_DIR, specs, config)
     if progress:
         progress(f"building {target} {config.precision}")
@@ -173,19 +183,17 @@ def compile_job(out: Path, *, target: str, precision: str | None, components: li
         result = tgt.build(plan, out, source=sources.load_recorded(recorded).pipeline)
     else:
         result = tgt.build(plan, out)
-    data = manifest.load(out) or manifest.new({"command": "compile"})
     variant = f"{target}-{config.precision}"
     if getattr(config, "compress", "none") != "none":  # compressed variants sit beside the plain one
         variant += f"-{config.compress}"
     elif hasattr(tgt, "variant_label"):  # e.g. onnxruntime-pruned-structured beside onnxruntime-pruned
         variant = f"{target}-{tgt.variant_label(config)}"
-    data.setdefault("targets", {})[variant] = {
-        "dir": result.out_dir.relative_to(out).as_posix() if result.out_dir.is_relative_to(out) else str(result.out_dir),
-        "config": config.model_dump(),
-        "details": result.details,
-        "note": result.note,
-    }
-    manifest.write(out, data)
+    rel = result.out_dir.relative_to(out).as_posix() if result.out_dir.is_relative_to(out) else str(result.out_dir)
+    entry = {"dir": rel, "config": config.model_dump(), "details": result.details, "note": result.note}
+    # The fp32 ONNX Runtime variant is the exported tree itself: compile wrote nothing there.
+    owned = [] if rel == ONNX_DIR else [rel]
+    manifest.commit(out, owned, lambda data: data.setdefault("targets", {}).__setitem__(variant, entry),
+                    request={"command": "compile"})
     return result
 
 
@@ -197,6 +205,7 @@ def calibrate_job(out: Path, *, prompts: list[str] | None = None, num_prompts: i
     info, specs = tree_specs(out)
     geometry = tree_geometry(info)
     data = manifest.load(out)
+    manifest.preflight(out, [calibration.CALIBRATION_DIR])
     if not data or not data.get("source"):
         raise SourceError(f"{out} has no manifest recording its source", "re-run 'diffprism export SOURCE --out DIR'")
     chosen = calibration.pick_prompts(prompts, num_prompts)
@@ -208,7 +217,8 @@ def calibrate_job(out: Path, *, prompts: list[str] | None = None, num_prompts: i
     folder = calibration.capture(src.pipeline, out, prompts=chosen, steps=steps, seed=seed, specs=specs,
                                  geometry=geometry)
     info = calibration.info(folder)
-    data["stages"]["calibrate"] = {k: info[k] for k in ("steps", "seeds", "height", "width", "counts", "scheduler")}
-    data["stages"]["calibrate"]["prompts"] = len(info["prompts"])
-    manifest.write(out, data)
+    stage = {k: info[k] for k in ("steps", "seeds", "height", "width", "counts", "scheduler")}
+    stage["prompts"] = len(info["prompts"])
+    manifest.commit(out, [folder.relative_to(out).as_posix()],
+                    lambda d: d.setdefault("stages", {}).__setitem__("calibrate", stage))
     return info

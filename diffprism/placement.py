@@ -130,6 +130,8 @@ def resolve(out: Path, default: Placement, overrides: Mapping[str, Placement]) -
 
 def built_variants(out: Path) -> list[Placement]:
     """Target variants built in the folder: the exported ONNX tree plus every compiled target whose folder exists."""
+    from exporters.paths import resolve_inside
+
     found = [Placement("onnxruntime", "fp32")] if (out / ONNX_DIR).is_dir() else []
     data = manifest.load(out) or {}
     for key, entry in sorted((data.get("targets") or {}).items()):
@@ -137,6 +139,6 @@ def built_variants(out: Path) -> list[Placement]:
         precision = (entry.get("config") or {}).get("precision") or key.split("-", 1)[-1]
         placement = Placement(target, precision)
         folder = entry.get("dir")
-        if placement not in found and folder and (out / folder).is_dir():
+        if placement not in found and folder and resolve_inside(out, folder, "target folder").is_dir():
             found.append(placement)
     return found

@@ -17,6 +17,7 @@ from diffprism import manifest
 from exporters.errors import (EXIT_VALIDATION_FAILED, BackendUnavailable, DiffprismError, IntegrityError,
                               OutputError, UsageError)
 from exporters.files import sha256_file
+from exporters.paths import resolve_inside
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,7 @@ class NotValidated(DiffprismError):
     exit_code = EXIT_VALIDATION_FAILED
 
 
-class SetProblems(IntegrityError):
-    """The folder does not match its manifest; `problems` holds one line per problem."""
-
-    def __init__(self, message: str, fix: str, problems: list[str]):
-        super().__init__(message, fix)
-        self.problems = problems
+SetProblems = manifest.SetProblems
 
 
 @dataclass
@@ -56,26 +52,51 @@ def check_set(folder: Path, *, force: bool = False) -> dict[str, Any]:
         raise SetProblems(f"{folder} does not match its manifest: {problems[0]}"
                           + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
                           "rebuild the set or re-download it", problems)
-    verdicts = data.get("validation") or {}
     if not force:
-        if not verdicts:
-            raise NotValidated(f"{folder} has no validation verdict", "run 'diffprism build' or 'diffprism validate' "
-                               "first, or pass --force")
-        failed = [k for k, v in verdicts.items() if not v.get("passed")]
+        failed, unproven = manifest.verdict_problems(data, _exported(folder))
         if failed:
             raise NotValidated(f"validation failed for {', '.join(failed)}", "fix the build, or pass --force")
+        if unproven:
+            raise SetProblems(f"{folder} is not proven by its verdicts: {unproven[0]}"
+                              + (f" (+{len(unproven) - 1} more)" if len(unproven) > 1 else ""),
+                              "run a full 'diffprism validate' (every component) of each variant, or pass --force",
+                              unproven)
     return data
 
 
-def publish(folder: Path, url: str, *, force: bool = False, progress: Progress | None = None) -> Published:
+def _exported(folder: Path) -> list[str]:
+    from exporters.tree import read_tree_info
+
+    tree = folder / "onnx"
+    return list(read_tree_info(tree)[1]) if tree.is_dir() else []
+
+
+def publish(folder: Path, url: str, *, force: bool = False, overwrite: bool = False,
+            progress: Progress | None = None) -> Published:
     data = check_set(folder, force=force)
     notify = progress or (lambda text: None)
     if url.startswith("hf://"):
         return _publish_hub(folder, url, data, notify)
-    return _publish_fsspec(folder, url, data, notify)
+    return _publish_fsspec(folder, url, data, notify, overwrite=overwrite)
 
 
-def _publish_fsspec(folder: Path, url: str, data: dict[str, Any], notify: Progress) -> Published:
+def _remote_problems(fs, root: str, files: dict[str, Any]) -> list[str]:
+    """What at the destination is not this set's file (foreign, or different bytes)."""
+    problems = []
+    for path in sorted(fs.find(root)) if fs.exists(root) else []:
+        rel = path[len(root) + 1:] if path.startswith(root + "/") else path
+        if rel == manifest.MANIFEST:
+            continue
+        entry = files.get(rel)
+        if entry is None:
+            problems.append(f"not part of this set: {rel}")
+        elif fs.size(path) != entry["size"] or _remote_sha256(fs, path) != entry["sha256"]:
+            problems.append(f"differs from this set: {rel}")
+    return problems
+
+
+def _publish_fsspec(folder: Path, url: str, data: dict[str, Any], notify: Progress, *,
+                    overwrite: bool = False) -> Published:
     import fsspec
 
     try:
@@ -86,18 +107,27 @@ def _publish_fsspec(folder: Path, url: str, data: dict[str, Any], notify: Progre
     root = root.rstrip("/")
     ours = (folder / manifest.MANIFEST).read_bytes()
     remote_manifest = f"{root}/{manifest.MANIFEST}"
-    if fs.exists(remote_manifest):
-        if fs.cat_file(remote_manifest) == ours:
-            notify("already published")
-            return Published(url, len(data["files"]), 0, skipped=True)
+    same = fs.exists(remote_manifest) and fs.cat_file(remote_manifest) == ours
+    notify("check the destination")
+    foreign = _remote_problems(fs, root, data["files"])
+    if same and not foreign and all(fs.exists(f"{root}/{rel}") for rel in data["files"]):
+        notify("already published")
+        return Published(url, len(data["files"]), 0, skipped=True)
+    if fs.exists(remote_manifest) and not same and not overwrite:
         raise OutputError(f"{url} already holds a different published set",
-                          "publish each release to its own URL (e.g. with the version in it)")
+                          "publish each release to its own URL (e.g. with the version in it), or pass --overwrite")
+    extras = [p for p in foreign if p.startswith("not part")]
+    if (extras or (foreign and not same)) and not overwrite:
+        raise OutputError(f"{url} is not empty and holds files that are not this set's ({foreign[0]})",
+                          "publish to an empty destination, or pass --overwrite to replace them")
+    if fs.exists(remote_manifest):  # the destination must not look finished while it is being replaced
+        fs.rm_file(remote_manifest)
     total = 0
     for rel, entry in sorted(data["files"].items()):
         notify(f"upload {rel}")
-        manifest.safe_relpath(rel)
+        local = resolve_inside(folder, rel)
         fs.makedirs(f"{root}/{rel}".rsplit("/", 1)[0], exist_ok=True)
-        fs.put_file(str(folder / rel), f"{root}/{rel}")
+        fs.put_file(str(local), f"{root}/{rel}")
         total += entry["size"]
     for rel, entry in sorted(data["files"].items()):  # read back before the manifest makes the set official
         notify(f"check {rel}")

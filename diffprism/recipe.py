@@ -193,7 +193,12 @@ class Recipe(_Model):
 def load(path: Path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist", EXAMPLE)
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (byte {exc.start})", "save the recipe as UTF-8") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}", "check the path and its permissions") from None
     return parse(text, str(path))
 
 

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 COMPONENT_DIRS = ("unet", "vae", "text_encoder", "text_encoder_2")
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 
 
 @dataclass
@@ -38,19 +39,20 @@ def looks_like_hub_id(text: str) -> bool:
 
 
 def load(ref: str, *, allow_pickle: bool = False, revision: str | None = None, seed: int = 0,
-         empty: bool = False) -> Source:
+         empty: bool = False, components: list[str] | None = None) -> Source:
     """empty=True: a folder's models are built on the meta device; their weights stay in the
-    safetensors files for a streamed export (exporters.streaming)."""
+    safetensors files for a streamed export (exporters.streaming). components: the ones to be
+    exported (a folder needs the tokenizers of those text encoders only)."""
     if ref in presets.PRESETS:
         pipe = presets.build(ref, seed)
         return Source("preset", ref, pipe, {"kind": "preset", "preset": ref, "seed": seed})
     path = Path(ref).expanduser()
     if path.exists() or ref.startswith((".", "/", "~")) or not looks_like_hub_id(ref):
-        return _load_folder(path, allow_pickle, empty)
+        return _load_folder(path, allow_pickle, empty, components)
     return _load_hub(ref, allow_pickle, revision)
 
 
-def check_folder(path: Path, allow_pickle: bool) -> dict[str, Any]:
+def check_folder(path: Path, allow_pickle: bool, components: list[str] | None = None) -> dict[str, Any]:
     """Checks a folder before anything is loaded; returns model_index.json."""
     if not path.exists():
         raise SourceError(f"model folder {path} does not exist", "pass a diffusers folder, a Hub id or a preset "
@@ -66,9 +68,14 @@ def check_folder(path: Path, allow_pickle: bool) -> dict[str, Any]:
             "save it with pipeline.save_pretrained(folder), or pass the pipeline's root folder",
         )
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(index_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise SourceError(f"{index_path} is not UTF-8 text", "restore the file from the original model") from None
     except json.JSONDecodeError as exc:
         raise SourceError(f"{index_path} is not valid JSON ({exc.msg})", "restore the file from the original model") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name", ""), str):
+        raise SourceError(f"{index_path} is not a pipeline index (a JSON object with _class_name)",
+                          "restore the file from the original model, or re-save the pipeline")
     class_name = index.get("_class_name", "?")
     family_of(class_name)  # raises for unsupported classes
     for sub in COMPONENT_DIRS:
@@ -91,6 +98,13 @@ def check_folder(path: Path, allow_pickle: bool) -> dict[str, Any]:
             raise SourceError(f"{d} has no weights", "re-download or re-save the pipeline")
         for f in safes:
             _check_safetensors(f)
+    for encoder, tokenizer in TOKENIZER_OF.items():
+        wanted = components is None or encoder in components
+        if wanted and index.get(encoder) not in (None, [None, None]) and not (path / tokenizer).is_dir():
+            raise SourceError(
+                f"{path} has {encoder}/ but no {tokenizer}/: a text encoder is useless without its tokenizer",
+                f"restore {tokenizer}/ from the original model, or leave the text encoders out with --components",
+            )
     return index
 
 
@@ -110,17 +124,20 @@ def _check_safetensors(path: Path) -> None:
         raise SourceError(f"corrupt safetensors file {path}: {exc}", "re-download the weights") from None
 
 
-def _load_folder(path: Path, allow_pickle: bool, empty: bool = False) -> Source:
+def _load_folder(path: Path, allow_pickle: bool, empty: bool = False, components: list[str] | None = None) -> Source:
     from diffusers import DiffusionPipeline
 
     from exporters.streaming import empty_pipeline
 
-    index = check_folder(path, allow_pickle)
+    index = check_folder(path, allow_pickle, components)
     try:
         if empty:
             pipe = empty_pipeline(path)
         else:
-            pipe = DiffusionPipeline.from_pretrained(str(path), use_safetensors=not allow_pickle, local_files_only=True)
+            # use_safetensors=None: each component loads its safetensors where they exist and falls back to a
+            # pickle only where they do not (False would make diffusers prefer .bin even beside safetensors).
+            pipe = DiffusionPipeline.from_pretrained(str(path), use_safetensors=None if allow_pickle else True,
+                                                     local_files_only=True)
     except Exception as exc:
         raise SourceError(f"cannot load the pipeline in {path}: {type(exc).__name__}: {_first_line(exc)}",
                           "check that every component folder is complete") from None
@@ -133,7 +150,8 @@ def _load_hub(repo_id: str, allow_pickle: bool, revision: str | None) -> Source:
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(repo_id, revision=revision, use_safetensors=not allow_pickle,
+        pipe = DiffusionPipeline.from_pretrained(repo_id, revision=revision,
+                                                 use_safetensors=None if allow_pickle else True,
                                                  trust_remote_code=False)
     except Exception as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") or "connect" in str(exc).lower() or "offline" in str(exc).lower() \

@@ -15,12 +15,34 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from diffprism.manifest import IGNORED
 from exporters.errors import IntegrityError, UsageError
 from exporters.files import STAGING, replace_dir, sha256_file
+from exporters.paths import check_relpath, printable
+
+# Never written from a store: the manifest, the lock, staging and the stage records (.stages/).
+RESERVED = frozenset(IGNORED)
+
+
+class _Object(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class _Index(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stage: str
+    key: str
+    files: dict[str, _Object]
+    record: dict[str, Any]
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +80,30 @@ class Store:
         return self.fs.exists(self._index(key))
 
     def index(self, key: str) -> dict[str, Any] | None:
+        """The stage's index document, checked: object names are sha256 hex, paths stay inside the set
+        and never name the manifest or the stage records (IntegrityError otherwise)."""
         path = self._index(key)
         if not self.fs.exists(path):
             return None
-        return json.loads(self.fs.cat_file(path))
+        fix = f"delete index/{key}.json from {self.url} and rebuild the stage"
+        try:
+            doc = json.loads(self.fs.cat_file(path).decode("utf-8"))
+            _Index.model_validate(doc)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IntegrityError(f"store index {key[:12]} is not valid UTF-8 JSON ({type(exc).__name__})", fix) from None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise IntegrityError(f"store index {key[:12]}: {'.'.join(printable(str(p)) for p in err['loc'])}: "
+                                 f"{err['msg']}", fix) from None
+        except OSError as exc:
+            raise IntegrityError(f"cannot read store index {key[:12]}: {exc}", fix) from None
+        if doc["key"] != key:
+            raise IntegrityError(f"store index {key[:12]} names another key ({printable(doc['key'])[:12]})", fix)
+        for rel in doc["files"]:
+            parts = check_relpath(rel, "store index path").parts
+            if parts[0] in RESERVED:
+                raise IntegrityError(f"store index {key[:12]} would overwrite {printable(rel)}", fix)
+        return doc
 
     def push(self, stage: str, key: str, out: Path, files: dict[str, dict[str, Any]], record: dict[str, Any]) -> int:
         """Upload the stage's files (those not already stored) and its index document; returns bytes sent."""
@@ -81,30 +123,44 @@ class Store:
         return sent
 
     def pull(self, key: str, out: Path) -> dict[str, Any]:
-        """Fetch a stage's files into `out` (verified, then moved into place per top-level folder)."""
-        from diffprism.manifest import safe_relpath
+        """Fetch a stage's files into `out` (verified, then moved into place per top-level folder).
 
+        Any failure leaves `out` as it was and the staging folder removed: an IntegrityError (exit 6).
+        """
         doc = self.index(key)
         if doc is None:
             raise UsageError(f"stage {key[:12]} is not in the store {self.url}", "run the job that builds it first")
         staging = out / STAGING / f"pull.{uuid.uuid4().hex}"
         staging.mkdir(parents=True)
-        tops: set[str] = set()
-        for rel, entry in sorted(doc["files"].items()):
-            parts = safe_relpath(rel).parts
-            dest = staging.joinpath(*parts)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(self._object(entry["sha256"]), str(dest))
-            if _sha256(dest) != entry["sha256"]:
-                raise IntegrityError(f"store object for {rel} does not match its hash", f"delete it from {self.url} and rebuild")
-            tops.add(parts[0])
+        try:
+            tops: set[str] = set()
+            for rel, entry in sorted(doc["files"].items()):
+                parts = check_relpath(rel, "store index path").parts
+                dest = staging.joinpath(*parts)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                obj = self._object(entry["sha256"])
+                if not self.fs.exists(obj):
+                    raise IntegrityError(f"store object for {printable(rel)} is missing from {self.url}",
+                                         f"rebuild the stage and push it again")
+                self.fs.get_file(obj, str(dest))
+                if _sha256(dest) != entry["sha256"]:
+                    raise IntegrityError(f"store object for {printable(rel)} does not match its hash",
+                                         f"delete it from {self.url} and rebuild")
+                tops.add(parts[0])
+        except IntegrityError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        except Exception as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise IntegrityError(f"cannot pull stage {key[:12]} from {self.url}: {type(exc).__name__}: {exc}",
+                                 "check the store, then rebuild the stage") from None
         for top in sorted(tops):
             src, final = staging / top, out / top
             if src.is_dir():
                 replace_dir(src, final)
             else:
                 os.replace(src, final)
-        staging.rmdir() if not any(staging.iterdir()) else None
+        shutil.rmtree(staging, ignore_errors=True)
         log.info("pulled %s (%s): %d files", doc["stage"], key[:12], len(doc["files"]))
         return doc
 

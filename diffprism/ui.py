@@ -10,8 +10,11 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from exporters.paths import printable
 
 
 class UI:
@@ -21,12 +24,18 @@ class UI:
         self.console = Console(stderr=json_mode, highlight=False)
         self.err = Console(stderr=True, highlight=False)
 
+    @staticmethod
+    def literal(value: Any) -> str:
+        """A path or name as text inside markup: brackets escaped, control characters shown as escapes."""
+        return escape(printable(str(value)))
+
     def info(self, text: str) -> None:
+        """text is rich markup: pass paths and names through literal()."""
         if not self.quiet:
             self.console.print(text)
 
     def error(self, text: str) -> None:
-        self.err.print(f"[bold red]error:[/] {text}", markup=True, soft_wrap=True)
+        self.err.print(f"[bold red]error:[/] {self.literal(text)}", markup=True, soft_wrap=True)
 
     def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.quiet:

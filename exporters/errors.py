@@ -13,6 +13,7 @@ EXIT_EXPORT_FAILED = 4
 EXIT_BACKEND_UNAVAILABLE = 5
 EXIT_INTEGRITY = 6
 EXIT_LOCKED = 7
+EXIT_INTERNAL = 8  # an unexpected exception (a bug): never confused with a verdict
 
 
 class DiffprismError(Exception):

@@ -53,12 +53,19 @@ def save_npz(arrays: Mapping[str, np.ndarray], path: Path) -> None:
 
 
 def load(path: Path) -> dict[str, dict]:
-    with np.load(path, allow_pickle=False) as data:
-        dims = json.loads(str(data["__cases__"]))
-        cases = {p: {"dims": d, "inputs": {}, "outputs": {}} for p, d in dims.items()}
-        for key in data.files:
-            if key == "__cases__":
-                continue
-            point, kind, name = key.split("/", 2)
-            cases[point][kind][name] = data[key]
+    """The reference cases; a damaged file (or one holding pickled objects) is an IntegrityError (exit 6)."""
+    from exporters.errors import IntegrityError
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            dims = json.loads(str(data["__cases__"]))
+            cases = {p: {"dims": dict(d), "inputs": {}, "outputs": {}} for p, d in dims.items()}
+            for key in data.files:
+                if key == "__cases__":
+                    continue
+                point, kind, name = key.split("/", 2)
+                cases[point][kind][name] = data[key]
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise IntegrityError(f"reference file {path} is damaged ({type(exc).__name__}: {str(exc)[:120]})",
+                             "re-run 'diffprism export' to write the PyTorch references again") from None
     return cases

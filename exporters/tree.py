@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from exporters.files import write_json_atomic
 from exporters.spec import ComponentSpec
 
@@ -42,14 +44,48 @@ def write_tree_info(tree: Path, info: Mapping[str, Any], specs: Mapping[str, Com
     write_json_atomic(tree / TREE_INFO, data)
 
 
+class _ComponentEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    dims: list[dict[str, Any]]
+
+
+class _TreeInfo(BaseModel):
+    """The shape of diffprism.json; other keys (e.g. geometry, variant facts) pass through."""
+    model_config = ConfigDict(extra="allow")
+    components: list[_ComponentEntry]
+
+
 def read_tree_info(tree: Path) -> tuple[dict[str, Any], dict[str, ComponentSpec]]:
-    from exporters.errors import SourceError
+    """The tree's facts and specs; a damaged or hostile file is an IntegrityError (exit 6), never a traceback."""
+    from exporters.errors import DiffprismError, IntegrityError, SourceError
+    from exporters.paths import check_name
 
     path = tree / TREE_INFO
     if not path.is_file():
         raise SourceError(f"{tree} is not a diffprism ONNX tree (no {TREE_INFO})", "run 'diffprism export' first")
-    data = json.loads(path.read_text())
-    specs = {s["name"]: ComponentSpec.from_json(s) for s in data.pop("components")}
+    fix = "the tree is damaged: re-run 'diffprism export'"
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        _TreeInfo.model_validate(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{path} is not valid UTF-8 JSON ({type(exc).__name__})", fix) from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise IntegrityError(f"{path}: {'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}",
+                             fix) from None
+    specs = {}
+    for entry in data.pop("components"):
+        name = check_name(entry["name"], f"component name in {path}")
+        try:
+            specs[name] = ComponentSpec.from_json(entry)
+        except DiffprismError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise IntegrityError(f"{path}: component {name} has a malformed spec ({type(exc).__name__}: {exc})",
+                                 fix) from None
     return data, specs
 
 

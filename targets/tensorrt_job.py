@@ -144,6 +144,7 @@ def build_script(plan: Mapping[str, Any]) -> str:
         '  echo "[$name] trtexec $*"',
         f'  "$TRTEXEC" "$@" --saveEngine="$DEST/$name/{ENGINE_NAME}.partial" > "$DEST/$name/build.log" 2>&1 \\',
         '    || { tail -n 30 "$DEST/$name/build.log" >&2; fail "$name: trtexec failed (full log: $DEST/$name/build.log)"; }',
+        f'  [[ -s "$DEST/$name/{ENGINE_NAME}.partial" ]] || fail "$name: trtexec succeeded but wrote no engine"',
         f'  mv -f "$DEST/$name/{ENGINE_NAME}.partial" "$DEST/$name/{ENGINE_NAME}"',
         "}",
         "",
@@ -151,18 +152,23 @@ def build_script(plan: Mapping[str, Any]) -> str:
     for name in plan["components"]:
         args = [a for a in trtexec_args(plan, name, "ENGINE", "TIMING", "GPU") if not a.startswith("--saveEngine=")]
         rendered = [_render(a) for a in args]
-        lines.append(f"build {name} \\")
+        lines.append(f"build {shlex.quote(name)} \\")
         lines += [f"  {a} \\" for a in rendered[:-1]]
         lines.append(f"  {rendered[-1]}")
         lines.append("")
+    names = " ".join(shlex.quote(n) for n in plan["components"])
     lines += [
+        "# Every engine must be there before engines.json says so.",
+        f"for name in {names}; do",
+        f'  [[ -s "$DEST/$name/{ENGINE_NAME}" ]] || fail "$name: no engine at $DEST/$name/{ENGINE_NAME} after the build"',
+        "done",
+        "",
         "# What was built, with checksums; written last so a folder with engines.json is complete.",
         "{",
         '  printf \'{\\n  "precision": "%s",\\n  "gpu": "%s",\\n  "compute_capability": "%s",\\n  "trt_version": "%s",\\n  "engines": {\\n\' \\',
         '    "$PRECISION" "$GPU_TAG" "$CC_TEXT" "$TRT_VERSION"',
         "  sep=''",
     ]
-    names = " ".join(shlex.quote(n) for n in plan["components"])
     lines += [
         f"  for name in {names}; do",
         f'    file="$DEST/$name/{ENGINE_NAME}"',

@@ -14,7 +14,11 @@ from html import escape
 from pathlib import Path
 from typing import Any, Iterable
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from exporters.errors import IntegrityError
 from exporters.files import write_bytes_atomic
+from exporters.paths import check_relpath, printable, resolve_inside
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +26,50 @@ REPORT_DIR = "report"
 REPORT_HTML = "report.html"
 
 
-def _load(path: Path) -> dict[str, Any]:
+class _Json(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Generation(_Json):
+    report_image: str = ""
+    request: dict[str, Any] = Field(default_factory=dict)
+
+
+class _E2E(_Json):
+    requests: list[dict[str, Any]] = Field(default_factory=list)
+    results: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    reference: dict[str, Any] = Field(default_factory=dict)
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {  # the report JSON files diffprism reads back
+    "validation.json": create_model("ValidationJson", __base__=_Json, results=(dict[str, dict[str, Any]], {}),
+                                    e2e=(_E2E | None, None)),
+    "generations.json": create_model("GenerationsJson", __base__=_Json, generations=(list[_Generation], [])),
+    "bench.json": create_model("BenchJson", __base__=_Json, images=(list[dict[str, Any]], []),
+                               components=(list[dict[str, Any]], []), settings=(dict[str, Any], {})),
+    "manifest.json": _Json,
+}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A report JSON file, checked against its schema ({} when absent; IntegrityError when damaged)."""
     if not path.is_file():
         return {}
+    fix = f"delete {path.name} (the next command writes it again) or rebuild the set"
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        log.warning("ignoring unreadable %s", path)
-        return {}
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{path} is not valid UTF-8 JSON ({type(exc).__name__})", fix) from None
+    try:
+        SCHEMAS.get(path.name, _Json).model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(printable(str(p)) for p in err["loc"]) or "(top level)"
+        raise IntegrityError(f"{path}: {where}: {err['msg']}", fix) from None
+    return data
+
+
+_load = read_json
 
 
 def _e(value: Any) -> str:
@@ -67,11 +107,23 @@ def _table(columns: list[str], rows: Iterable[list[str]], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def _img(out: Path, rel: str, alt: str) -> str:
-    path = out / rel
-    if not rel or not path.is_file():
+    """Embeds a PNG under report/ only: the path comes from a JSON file anyone could edit."""
+    if not rel:
         return f'<div class="missing">{_e(alt)}: image missing</div>'
-    data = base64.b64encode(path.read_bytes()).decode()
+    path = resolve_inside(out, rel, "report image")
+    if check_relpath(rel).parts[0] != REPORT_DIR or not rel.lower().endswith(".png"):
+        raise IntegrityError(f"report image '{printable(rel)}' is not a PNG under {REPORT_DIR}/",
+                             f"the report JSON was tampered with: delete it, or rebuild the set")
+    if not path.is_file():
+        return f'<div class="missing">{_e(alt)}: image missing</div>'
+    raw = path.read_bytes()
+    if not raw.startswith(PNG_SIGNATURE):
+        raise IntegrityError(f"report image '{printable(rel)}' is not a PNG file", "rebuild the set")
+    data = base64.b64encode(raw).decode()
     return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
 
 
@@ -359,9 +411,10 @@ footer{color:#829ab1;font-size:12px;text-align:center;padding:8px 0 24px}
 """
 
 
-def render(out: Path) -> str:
+def render(out: Path, manifest: dict[str, Any] | None = None) -> str:
+    """manifest: the data the command is about to write (default: manifest.json as it is)."""
     report_dir = out / REPORT_DIR
-    manifest = _load(out / "manifest.json")
+    manifest = manifest if manifest is not None else _load(out / "manifest.json")
     validation = _load(report_dir / "validation.json")
     bench = _load(report_dir / "bench.json")
     generations = _load(report_dir / "generations.json")
@@ -382,8 +435,8 @@ def render(out: Path) -> str:
             f'</body></html>')
 
 
-def write_report(out: Path) -> Path:
+def write_report(out: Path, manifest: dict[str, Any] | None = None) -> Path:
     path = out / REPORT_DIR / REPORT_HTML
-    write_bytes_atomic(path, render(out).encode("utf-8"))
+    write_bytes_atomic(path, render(out, manifest).encode("utf-8"))
     log.info("wrote %s", path)
     return path

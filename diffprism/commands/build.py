@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffprism import manifest
 from diffprism.build import run_build
 from diffprism.commands.common import out_dir
 from diffprism.recipe import load
@@ -33,12 +34,17 @@ def run(args: argparse.Namespace, ui) -> int:
     with ui.progress(f"build {args.recipe.name}") as update:
         report = run_build(recipe, out, only=args.only, store_url=args.store, merge=args.merge,
                            export_only=args.export_only, progress=update)
-    ui.table(f"build {out}", ["stage", "action", "key"], [[s.name, s.action, s.key[:12]] for s in report.stages])
+    ui.table(f"build {ui.literal(out)}", ["stage", "action", "key"], [[s.name, s.action, s.key[:12]] for s in report.stages])
     rows = [[k, "[green]pass[/]" if v["passed"] else "[red]FAIL[/]", f"{v['comparisons'] - v['failed']}/{v['comparisons']}"]
             for k, v in report.verdicts.items()]
     if rows:
         ui.table("validation", ["variant", "verdict", "within tolerance"], rows)
     ok = report.passed or args.export_only
+    digest = manifest.sha256_of(out) if (out / manifest.MANIFEST).is_file() else None
+    if digest:
+        ui.info(f"manifest sha256: {digest} (pin it: diffprism verify DIR --manifest-sha256 {digest})")
+    failure = {} if ok else {"exit_code": EXIT_VALIDATION_FAILED, "error": "a validation failed",
+                             "fix": "see the validation table; fix the build or its tolerances"}
     ui.emit({"ok": ok, "out": str(out), "stages": {s.name: {"action": s.action, "key": s.key} for s in report.stages},
-             "validation": report.verdicts})
+             "validation": report.verdicts, "manifest_sha256": digest, **failure})
     return EXIT_OK if ok else EXIT_VALIDATION_FAILED

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace, ui) -> int:
                              components=args.components, options=options, progress=update)
     rows = [[name, ", ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, (dict, list)))]
             for name, d in result.details.items()]
-    ui.table(f"{result.target} {result.precision} -> {result.out_dir}", ["component", "details"], rows)
+    ui.table(f"{result.target} {result.precision} -> {ui.literal(result.out_dir)}", ["component", "details"], rows)
     if result.note:
         ui.info(result.note)
     ui.emit({"ok": True, "target": result.target, "precision": result.precision, "dir": str(result.out_dir),

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, ui) -> int:
     for c in result.components:
         dims = ", ".join(f"{d.name} {d.min}..{d.max}" for d in c.spec.dims if not d.is_static)
         rows.append([c.name, dims, f"{c.seconds:.1f}s", f"{c.onnx_bytes / 1e6:.1f} MB"])
-    ui.table(f"exported {result.family} pipeline to {result.tree}", ["component", "dynamic dims", "time", "size"], rows)
+    ui.table(f"exported {result.family} pipeline to {ui.literal(result.tree)}", ["component", "dynamic dims", "time", "size"], rows)
     ui.emit({"ok": True, "tree": str(result.tree), "family": result.family,
              "components": {c.name: {"seconds": c.seconds, "bytes": c.onnx_bytes} for c in result.components}})
     return 0

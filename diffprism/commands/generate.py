@@ -42,6 +42,6 @@ def run(args: argparse.Namespace, ui) -> int:
     with folder_lock(args.dir), ui.progress("generate") as update:
         info = generate_job(args.dir, request, default=default, overrides=parse_component_targets(args.component_target),
                             image_path=args.out, runner_options=parse_options(args.option), progress=update)
-    ui.info(f"wrote {info['image']} ({info['label']}, {height}x{width}, {args.steps} steps, {info['seconds']:.2f} s)")
+    ui.info(f"wrote {ui.literal(info['image'])} ({ui.literal(info['label'])}, {height}x{width}, {args.steps} steps, {info['seconds']:.2f} s)")
     ui.emit({"ok": True, **info})
     return EXIT_OK

@@ -19,6 +19,6 @@ def run(args: argparse.Namespace, ui) -> int:
 
     with folder_lock(args.dir):
         path = report_job(args.dir)
-    ui.info(f"report: {path.resolve()}")
+    ui.info(f"report: {ui.literal(path.resolve())}")
     ui.emit({"ok": True, "report": str(path.resolve())})
     return EXIT_OK

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from diffprism import manifest
 from diffprism.commands.common import add_components, out_dir, parse_options
 from diffprism.commands.imagecheck import add_e2e_args, print_e2e, run_e2e
 from diffprism.e2e_jobs import report_job
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace, ui) -> int:
     if is_pipeline_target(args.target):  # web: judged by the image its page draws
         return run_pipeline_target(args, ui)
     names = list(select(specs, args.components))
-    with folder_lock(args.dir), ui.progress(f"validate {args.target} {args.precision}") as update:
+    with folder_lock(args.dir), manifest.one_write(args.dir), \
+            ui.progress(f"validate {args.target} {args.precision}") as update:
         result = validate_job(args.dir, target=args.target, precision=args.precision, components=args.components,
                               policy=policy_from(args, names), runner_options=parse_options(args.option),
                               progress=update)
@@ -61,13 +63,22 @@ def run(args: argparse.Namespace, ui) -> int:
         ok = result.structure_ok and not args.require_numeric and all(r.passed for r in images)
         print_structural(ui, result, args.require_numeric)
         print_e2e(ui, images)
-        ui.emit({"ok": ok, **result.to_json(), "e2e": [r.to_json() for r in images]})
+        ui.emit({"ok": ok, **result.to_json(), "e2e": [r.to_json() for r in images], **_failure(ok, result)})
         return EXIT_OK if ok else EXIT_VALIDATION_FAILED
     print_result(ui, result)
     print_e2e(ui, images)
     passed = result.passed and all(r.passed for r in images)
-    ui.emit({"ok": passed, **result.to_json(), "e2e": [r.to_json() for r in images]})
+    ui.emit({"ok": passed, **result.to_json(), "e2e": [r.to_json() for r in images], **_failure(passed, result)})
     return EXIT_OK if passed else EXIT_VALIDATION_FAILED
+
+
+def _failure(ok: bool, result) -> dict:
+    """--json carries error and fix on every failure, a failed verdict included."""
+    if ok:
+        return {}
+    return {"exit_code": EXIT_VALIDATION_FAILED,
+            "error": f"validation of {result.target} {result.precision} failed ({result.verdict})",
+            "fix": "see the failed comparisons; loosen a bound with --rel-l2/--cosine only if the error is expected"}
 
 
 def print_result(ui, result) -> None:

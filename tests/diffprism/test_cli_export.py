@@ -8,6 +8,7 @@ from diffprism import manifest
 from diffprism.cli import main
 from exporters import reference
 from exporters.errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION_FAILED)
+from exporters.files import sha256_file
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +75,7 @@ def test_manifest_lists_every_file_with_checksums(exported):
     out = exported("tiny-sd")
     m = manifest.load(out)
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
-               and p.name not in (manifest.MANIFEST, manifest.LOCK)}
+               and p.relative_to(out).parts[0] not in manifest.IGNORED}
     assert set(m["files"]) == on_disk
     assert "onnx/unet/model.onnx_data" in m["files"]
     for name in ("torch", "diffusers", "transformers", "onnx", "onnxruntime"):
@@ -93,6 +94,11 @@ def test_validation_failure_exits_nonzero(copy_export, capsys):
     biggest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
     biggest.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(biggest) * 1.5, biggest.name))
     onnx.save(model, str(path), save_as_external_data=True, location="model.onnx_data")
+    # Recorded as if the export had written these bytes: otherwise validate refuses a tampered set (exit 6).
+    data = json.loads((out / manifest.MANIFEST).read_text())
+    for rel in ("onnx/vae_decoder/model.onnx", "onnx/vae_decoder/model.onnx_data"):
+        data["files"][rel] = {"sha256": sha256_file(out / rel), "size": (out / rel).stat().st_size}
+    (out / manifest.MANIFEST).write_text(json.dumps(data))
     code, data = run_json(capsys, "validate", str(out), "--components", "vae_decoder")
     assert code == EXIT_VALIDATION_FAILED and data["passed"] is False
     assert manifest.load(out)["validation"]["onnxruntime-fp32"]["passed"] is False

@@ -16,6 +16,8 @@ def _set_verdict(folder, passed):
     data = manifest.load(folder)
     for v in data["validation"].values():
         v["passed"] = passed
+        for c in v["components"].values():
+            c["status"] = "passed" if passed else "failed"
     (folder / manifest.MANIFEST).write_text(json.dumps(data))
 
 
@@ -61,7 +63,7 @@ def test_refuses_failed_or_missing_validation(copy_built, tmp_path, capsys):
     data = manifest.load(folder)
     data["validation"] = {}
     (folder / manifest.MANIFEST).write_text(json.dumps(data))
-    assert main(["publish", str(folder), str(tmp_path / "b")]) == EXIT_VALIDATION_FAILED
+    assert main(["publish", str(folder), str(tmp_path / "b")]) == EXIT_INTEGRITY  # nothing proves the set
     assert "no validation verdict" in capsys.readouterr().err
     assert main(["publish", str(folder), str(tmp_path / "c"), "--force"]) == 0
     assert manifest.verify(tmp_path / "c") == []
@@ -118,12 +120,15 @@ def test_checksums_are_the_manifest_ones(built):
     assert sha256_file(built / rel) == entry["sha256"]
 
 
-def test_destination_defaults_to_the_recipe_publish_url(copy_built, tmp_path, capsys):
+def test_destination_is_never_taken_from_the_manifest(copy_built, recipe_text, tmp_path, capsys):
     folder = copy_built()
-    assert main(["publish", str(folder)]) == 2  # the test recipe has no [publish]
-    assert "pass the URL" in capsys.readouterr().err
     data = manifest.load(folder)
-    data["request"]["recipe"]["publish"] = {"url": str(tmp_path / "from-recipe"), "force": False}
+    data["request"]["recipe"]["publish"] = {"url": str(tmp_path / "from-manifest"), "force": False}
     (folder / manifest.MANIFEST).write_text(json.dumps(data))
-    assert main(["publish", str(folder)]) == 0
+    assert main(["publish", str(folder)]) == 2
+    assert "no destination given" in capsys.readouterr().err
+    assert not (tmp_path / "from-manifest").exists()
+    recipe = tmp_path / "release.toml"
+    recipe.write_text(recipe_text + f'\n[publish]\nurl = "{tmp_path / "from-recipe"}"\n')
+    assert main(["publish", str(folder), "--recipe", str(recipe)]) == 0
     assert manifest.verify(tmp_path / "from-recipe") == []

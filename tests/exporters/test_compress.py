@@ -17,6 +17,7 @@ import torch
 
 from diffprism import manifest
 from diffprism.cli import main
+from diffprism.jobs import calibrate_job
 from exporters import calibration
 from exporters.compress import prune
 from exporters.errors import EXIT_OK, EXIT_USAGE, UsageError
@@ -48,8 +49,7 @@ def _cli(*argv: str) -> tuple[int, dict]:
 def built(exported, pipeline, tmp_path_factory):
     out = tmp_path_factory.mktemp("compress") / "sd"
     shutil.copytree(exported("tiny-sd"), out)
-    _, specs = read_tree_info(out / "onnx")
-    calibration.capture(pipeline("tiny-sd"), out, prompts=["a red cube", "a blue ball"], steps=4, specs=specs)
+    calibrate_job(out, prompts=["a red cube", "a blue ball"], steps=4)  # recorded in the manifest
     codes = {name: _cli("compile", str(out), "--target", "onnxruntime", *argv)[0] for name, argv in VARIANTS.items()}
     return out, codes
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from diffprism.jobs import calibrate_job
 from exporters import calibration
 from exporters.errors import BackendUnavailable, ShapeError, UsageError
 from exporters.tree import read_tree_info
@@ -27,8 +28,7 @@ def _workdir(exported, pipeline, tmp_path_factory, name: str) -> Path:
     """A private copy of the session export plus a small calibration capture (2 prompts x 2 steps)."""
     out = tmp_path_factory.mktemp(f"ov-{name}") / name
     shutil.copytree(exported(name), out)
-    specs = read_tree_info(out / "onnx")[1]
-    calibration.capture(pipeline(name), out, prompts=calibration.DEFAULT_PROMPTS[:2], steps=2, specs=specs)
+    calibrate_job(out, prompts=calibration.DEFAULT_PROMPTS[:2], steps=2)  # recorded in the manifest
     return out
 
 

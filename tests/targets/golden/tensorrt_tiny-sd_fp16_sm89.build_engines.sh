@@ -67,6 +67,7 @@ build() {  # build <component> <trtexec args...>: write to a temporary name, the
   echo "[$name] trtexec $*"
   "$TRTEXEC" "$@" --saveEngine="$DEST/$name/model.plan.partial" > "$DEST/$name/build.log" 2>&1 \
     || { tail -n 30 "$DEST/$name/build.log" >&2; fail "$name: trtexec failed (full log: $DEST/$name/build.log)"; }
+  [[ -s "$DEST/$name/model.plan.partial" ]] || fail "$name: trtexec succeeded but wrote no engine"
   mv -f "$DEST/$name/model.plan.partial" "$DEST/$name/model.plan"
 }
 
@@ -128,6 +129,11 @@ build vae_encoder \
   --builderOptimizationLevel=3 \
   --timingCacheFile="$TIMING_CACHE" \
   --skipInference
+
+# Every engine must be there before engines.json says so.
+for name in text_encoder unet vae_decoder vae_encoder; do
+  [[ -s "$DEST/$name/model.plan" ]] || fail "$name: no engine at $DEST/$name/model.plan after the build"
+done
 
 # What was built, with checksums; written last so a folder with engines.json is complete.
 {
