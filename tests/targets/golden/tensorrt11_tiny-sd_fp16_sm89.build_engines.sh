@@ -67,6 +67,7 @@ build() {  # build <component> <trtexec args...>: write to a temporary name, the
   echo "[$name] trtexec $*"
   "$TRTEXEC" "$@" --saveEngine="$DEST/$name/model.plan.partial" > "$DEST/$name/build.log" 2>&1 \
     || { tail -n 30 "$DEST/$name/build.log" >&2; fail "$name: trtexec failed (full log: $DEST/$name/build.log)"; }
+  [[ -s "$DEST/$name/model.plan.partial" ]] || fail "$name: trtexec succeeded but wrote no engine"
   mv -f "$DEST/$name/model.plan.partial" "$DEST/$name/model.plan"
 }
 
@@ -74,8 +75,8 @@ build text_encoder \
   --onnx=onnx-fp16/text_encoder/model.onnx \
   --device="$GPU_INDEX" \
   --minShapes=input_ids:1x77 \
-  --optShapes=input_ids:2x77 \
-  --maxShapes=input_ids:4x77 \
+  --optShapes=input_ids:1x77 \
+  --maxShapes=input_ids:2x77 \
   --stronglyTyped \
   --builderOptimizationLevel=3 \
   --timingCacheFile="$TIMING_CACHE" \
@@ -85,11 +86,11 @@ build unet \
   --onnx=onnx-fp16/unet/model.onnx \
   --device="$GPU_INDEX" \
   --profile=0 \
-  --minShapes=sample:1x4x16x16,timestep:1,encoder_hidden_states:1x77x32 \
+  --minShapes=sample:2x4x16x16,timestep:2,encoder_hidden_states:2x77x32 \
   --optShapes=sample:2x4x32x32,timestep:2,encoder_hidden_states:2x77x32 \
   --maxShapes=sample:4x4x48x48,timestep:4,encoder_hidden_states:4x77x32 \
   --profile=1 \
-  --minShapes=sample:1x4x48x48,timestep:1,encoder_hidden_states:1x77x32 \
+  --minShapes=sample:2x4x48x48,timestep:2,encoder_hidden_states:2x77x32 \
   --optShapes=sample:2x4x64x64,timestep:2,encoder_hidden_states:2x77x32 \
   --maxShapes=sample:4x4x64x64,timestep:4,encoder_hidden_states:4x77x32 \
   --stronglyTyped \
@@ -102,12 +103,12 @@ build vae_decoder \
   --device="$GPU_INDEX" \
   --profile=0 \
   --minShapes=latent_sample:1x4x16x16 \
-  --optShapes=latent_sample:2x4x32x32 \
-  --maxShapes=latent_sample:4x4x48x48 \
+  --optShapes=latent_sample:1x4x32x32 \
+  --maxShapes=latent_sample:2x4x48x48 \
   --profile=1 \
   --minShapes=latent_sample:1x4x48x48 \
-  --optShapes=latent_sample:2x4x64x64 \
-  --maxShapes=latent_sample:4x4x64x64 \
+  --optShapes=latent_sample:1x4x64x64 \
+  --maxShapes=latent_sample:2x4x64x64 \
   --stronglyTyped \
   --builderOptimizationLevel=3 \
   --timingCacheFile="$TIMING_CACHE" \
@@ -118,16 +119,21 @@ build vae_encoder \
   --device="$GPU_INDEX" \
   --profile=0 \
   --minShapes=sample:1x3x32x32 \
-  --optShapes=sample:2x3x64x64 \
-  --maxShapes=sample:4x3x96x96 \
+  --optShapes=sample:1x3x64x64 \
+  --maxShapes=sample:2x3x96x96 \
   --profile=1 \
   --minShapes=sample:1x3x96x96 \
-  --optShapes=sample:2x3x128x128 \
-  --maxShapes=sample:4x3x128x128 \
+  --optShapes=sample:1x3x128x128 \
+  --maxShapes=sample:2x3x128x128 \
   --stronglyTyped \
   --builderOptimizationLevel=3 \
   --timingCacheFile="$TIMING_CACHE" \
   --skipInference
+
+# Every engine must be there before engines.json says so.
+for name in text_encoder unet vae_decoder vae_encoder; do
+  [[ -s "$DEST/$name/model.plan" ]] || fail "$name: no engine at $DEST/$name/model.plan after the build"
+done
 
 # What was built, with checksums; written last so a folder with engines.json is complete.
 {
