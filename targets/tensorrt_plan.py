@@ -177,8 +177,9 @@ def profiles(spec: ComponentSpec, config: TensorRtConfig, scale: int) -> list[di
 
 def make_plan(tree: Path, specs: Mapping[str, ComponentSpec], config: TensorRtConfig, *,
               detected_cc: int | None = None, detected_trt: str | None = None,
-              all_specs: Mapping[str, ComponentSpec] | None = None) -> dict[str, Any]:
-    """What would be built, from the specs and the config; `detected_*` describe this machine (None: no GPU/TensorRT)."""
+              all_specs: Mapping[str, ComponentSpec] | None = None, label: str | None = None) -> dict[str, Any]:
+    """What would be built, from the specs and the config; `detected_*` describe this machine (None: no GPU/TensorRT).
+    `label` names the variant in the engine folder (the precision, plus an options digest if any)."""
     precision = config.precision
     cc = parse_gpu(config.gpu) if config.gpu else detected_cc
     trt_version = parse_trt_version(config.trt_version) if config.trt_version else detected_trt
@@ -187,7 +188,7 @@ def make_plan(tree: Path, specs: Mapping[str, ComponentSpec], config: TensorRtCo
     source = ONNX_DIR if precision in FLAG_PRECISIONS else f"{ONNX_DIR}-{precision}"
     _check_source(out, source, specs, precision)
     tag = gpu_tag(cc, config.hardware_compatibility)
-    directory = engine_dir_name(precision, tag, trt_version or UNKNOWN)
+    directory = engine_dir_name(label or precision, tag, trt_version or UNKNOWN)
     scale = vae_scale(all_specs or specs)
     timing_cache = config.timing_cache or f"{directory}/{TIMING_CACHE}"
     components = {}

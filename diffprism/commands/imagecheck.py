@@ -17,7 +17,9 @@ def add_e2e_args(parser: argparse.ArgumentParser) -> None:
 
 def run_e2e(args: argparse.Namespace, progress, runner_options) -> list:
     from diffprism.e2e_jobs import e2e_job, parse_size
-    from diffprism.placement import Placement, resolve
+    from diffprism.jobs import split_options
+    from diffprism.placement import resolve
+    from diffprism.variant import Variant
     from exporters.errors import UsageError
     from validation.e2e import PROMPTS, requests_for
 
@@ -25,7 +27,8 @@ def run_e2e(args: argparse.Namespace, progress, runner_options) -> list:
         raise UsageError(f"--e2e-steps {args.e2e_steps} must be at least 1", "pass e.g. --e2e-steps 10")
     requests = requests_for(args.e2e_prompt or PROMPTS, size=parse_size(args.e2e_size, args.dir),
                             steps=args.e2e_steps, guidance_scale=args.e2e_guidance_scale)
-    variant = resolve(args.dir, Placement.parse(f"{args.target}:{args.precision}"), {})
+    chosen, runner_options = split_options(args.target, runner_options)  # target options pick the variant
+    variant = resolve(args.dir, Variant.of(args.target, args.precision, chosen), {})
     return e2e_job(args.dir, [variant], requests, runner_options=runner_options, progress=progress)
 
 
