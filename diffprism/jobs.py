@@ -244,7 +244,7 @@ def validate_job(out: Path, *, target: str = "onnxruntime", precision: str | Non
                  components: list[str] | None = None, policy: Policy = Policy(),
                  runner_options: dict[str, Any] | None = None, progress: Progress | None = None) -> ValidationResult:
     chosen, runner = split_options(target, runner_options)
-    variant = resolve(out, Variant.of(target, precision, chosen), explicit_options=bool(chosen))
+    variant = resolve(out, Variant.of(target, precision, chosen))
     result = validate_work(out, variant, components=components, policy=policy, runner_options=runner, progress=progress)
     record_validation(out, result)
     return result

@@ -146,16 +146,18 @@ def from_entry(key: str, entry: Mapping[str, Any]) -> Variant | None:
         return None
 
 
-def resolve(out: Path, wanted: Variant, explicit_options: bool = False) -> Variant:
+def resolve(out: Path, wanted: Variant) -> Variant:
     """The built variant `wanted` means in this folder.
 
-    A default variant that is not built, while exactly one variant of the same target and
-    precision is, means that one (so `--precision int8` finds an int8 built with options);
-    several are ambiguous and the error lists their keys.
+    `wanted` itself if it is built; else the one built variant of the same target and precision
+    whose options include all of `wanted`'s (so `--precision int8` finds the int8 built with
+    options); several such are ambiguous and the error lists their keys.
     """
-    if wanted.is_torch or explicit_options or wanted.folder(out).is_dir():
+    if wanted.is_torch or wanted.folder(out).is_dir():
         return wanted
-    same = [v for v in built(out) if v.target == wanted.target and v.precision == wanted.precision]
+    asked = wanted.options.items()
+    same = [v for v in built(out) if v.target == wanted.target and v.precision == wanted.precision
+            and asked <= v.options.items()]
     if len(same) == 1:
         log.info("%s is not built here; using %s", wanted.key, same[0].key)
         return same[0]

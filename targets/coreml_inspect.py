@@ -70,13 +70,25 @@ def expected_shapes(spec: ComponentSpec, tensor_name: str, mode: str, points: li
     return {"range": ranges}
 
 
+def read_spec(package: Path):
+    """The model specification of an .mlpackage, read without coremltools' package class (which
+    rewrites Manifest.json on open: a check must not change the artifact it checks)."""
+    from coremltools.proto import Model_pb2
+
+    manifest = json.loads((package / "Manifest.json").read_text())
+    root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
+    pb = Model_pb2.Model()
+    pb.ParseFromString((package / "Data" / root["path"]).read_bytes())
+    return pb
+
+
 def inspect_package(path: Path, spec: ComponentSpec, *, precision: str, compress: str) -> dict[str, Any]:
     """Facts about the package and the problems found ({"ok", "problems", ...}); never raises on a mismatch."""
     import coremltools as ct
     from coremltools.proto import MIL_pb2
 
     problems: list[str] = []
-    pb = ct.utils.load_spec(str(path))
+    pb = read_spec(path) if path.is_dir() else ct.utils.load_spec(str(path))
     if pb.WhichOneof("Type") != "mlProgram":
         return {"ok": False, "problems": [f"{path.name} is not an ML program ({pb.WhichOneof('Type')})"]}
     meta = dict(pb.description.metadata.userDefined)
