@@ -148,8 +148,11 @@ def test_qat_exports_qdq_that_runs(built):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_cli_validate_passes(built, name):
     out, _ = built
-    code, report = _cli("validate", str(out), "--target", "onnxruntime", *VARIANTS[name])  # the options pick the variant
+    # The options pick the variant; --e2e also judges its images against PyTorch's (pruned and qat rows).
+    code, report = _cli("validate", str(out), "--target", "onnxruntime", *VARIANTS[name], "--e2e", "--e2e-steps", "2",
+                        "--e2e-prompt", "a red cube")
     assert code == EXIT_OK, report
+    assert report["e2e"][0]["passed"] and report["e2e"][0]["precision"] == VARIANTS[name][1]
     assert manifest.load(out)["validation"][f"onnxruntime-{DIRS[name].removeprefix('onnx-')}"]["passed"]
 
 
