@@ -240,7 +240,7 @@ def validate_work(out: Path, variant: Variant, *, components: list[str] | None =
     return result
 
 
-def validate_job(out: Path, *, target: str = "onnxruntime", precision: str | None = "fp32",
+def validate_job(out: Path, *, target: str, precision: str | None = None,
                  components: list[str] | None = None, policy: Policy = Policy(),
                  runner_options: dict[str, Any] | None = None, progress: Progress | None = None) -> ValidationResult:
     chosen, runner = split_options(target, runner_options)
