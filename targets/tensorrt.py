@@ -59,7 +59,9 @@ class TensorRtTarget(Target):
     precisions = PRECISIONS
     Config = TensorRtConfig
     tools = ("tensorrt", "polygraphy")
-    named_options = ("gpu", "trt_version", "hardware_compatibility")  # spelled out in the engine folder name
+    # The engine folder is named by precision, GPU and TensorRT version only (the golden build jobs and
+    # the GPU runners' paths rely on it): TensorRT variants that differ only in other options do not coexist yet.
+    named_options = tuple(TensorRtConfig.model_fields)
     gpu = True
 
     def inputs(self, config: TargetConfig) -> Inputs:
