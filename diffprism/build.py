@@ -24,28 +24,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from diffprism import manifest, sources
-from diffprism.jobs import REPORT_DIR, select
+from diffprism import jobs, manifest, sources
+from diffprism.jobs import REPORT_DIR
 from diffprism.lock import folder_lock
-from diffprism.recipe import BuildSpec, Recipe
+from diffprism.recipe import Recipe
 from diffprism.store import Store
+from diffprism.variant import Variant, unique
 from exporters.errors import SourceError
-from exporters.export import ONNX_DIR, REFERENCE_DIR, export_pipeline
-from exporters.files import clean_staging, sha256_file, write_json_atomic
-from exporters.tree import read_tree_info
+from exporters.export import ONNX_DIR, REFERENCE_DIR
+from exporters.files import HashCache, clean_staging, write_json_atomic
 from targets.base import get_target
+from validation.policy import row
 
 log = logging.getLogger(__name__)
 
 STAGES_DIR = manifest.STAGES  # excluded from the artifact set
+HASHES = "hashes.json"  # under STAGES_DIR: sha256 of files by path, size, mtime, ctime, inode
 EXPORT_TOOLS = ("diffprism", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnx-ir", "numpy")
-TARGET_TOOLS = {
-    "onnxruntime": ("onnxruntime",),
-    "openvino": ("openvino", "nncf"),
-    "tensorrt": ("tensorrt", "polygraphy"),
-    "coreml": ("coremltools",),
-}
-CALIBRATED = ("int8",)  # precisions whose quantizers read the calibration capture
 
 Progress = Callable[[str], None]
 
@@ -66,7 +61,8 @@ class BuildReport:
 
     @property
     def passed(self) -> bool:
-        return bool(self.verdicts) and all(v["passed"] for v in self.verdicts.values())
+        """Every verdict passed or is structural (checked as far as this machine can; never a failure)."""
+        return bool(self.verdicts) and all(v["status"] in ("passed", "structural") for v in self.verdicts.values())
 
     def actions(self) -> dict[str, str]:
         return {s.name: s.action for s in self.stages}
@@ -86,54 +82,81 @@ def _tool_versions(names: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
-def source_identity(recipe: Recipe) -> dict[str, Any]:
-    """What the exported weights depend on: preset+seed, the folder's weight digest, or Hub id+revision."""
+def source_identity(recipe: Recipe, hashes: HashCache | None = None) -> dict[str, Any]:
+    """What the exported weights depend on: preset+seed, the sha256 of every file of the folder, or Hub id+revision."""
     src = recipe.source
     if src.preset:
         return {"preset": src.preset, "seed": src.seed}
     if src.path:
         path = Path(src.path).expanduser()
         sources.check_folder(path, src.allow_pickle, recipe.components)
-        return {"weights_sha256": sources.weights_digest(path)}
+        return {"weights_sha256": sources.weights_digest(path, hashes)}
     if not src.revision:
         log.warning("hub source %s has no revision: pin a commit so reruns build the same weights", src.hub)
     return {"hub": src.hub, "revision": src.revision}
 
 
-def needs_calibration(build: BuildSpec) -> bool:
-    # quantize_activations=[] asks for weight-only int8, which reads no captured inputs.
-    return build.precision in CALIBRATED and build.options.get("quantize_activations") != []
+def dependencies(variant: Variant) -> list[Variant]:
+    """The variants `variant` reads (e.g. TensorRT int8 reads ONNX Runtime int8), deepest first, then itself."""
+    needed = get_target(variant.target).inputs(variant.config()).variant
+    if needed is None:
+        return [variant]
+    return [*dependencies(Variant.of(*needed)), variant]
+
+
+def compile_order(variants: list[Variant]) -> list[Variant]:
+    return unique(v for variant in variants for v in dependencies(variant))
+
+
+def calibration_needed(variants: list[Variant]) -> bool:
+    return any(get_target(v.target).inputs(v.config()).calibration == "required" for v in compile_order(variants))
 
 
 class Keys:
-    """Stage keys of one recipe (pure: computable on any machine, no model loaded)."""
+    """Stage keys of one recipe (pure: computable on any machine, no model loaded).
 
-    def __init__(self, recipe: Recipe):
+    Every input of a stage is in its key: the export's source bytes and settings, the calibration
+    a variant reads (required, or optional when this build captures one), the variant it reads
+    (by that variant's own key), the variant's options digest and its target's tool versions.
+    """
+
+    def __init__(self, recipe: Recipe, hashes: HashCache | None = None):
         self.recipe = recipe
-        self.export = _digest({"source": source_identity(recipe), "export": recipe.digest("components", "shapes", "opset"),
+        self.export = _digest({"source": source_identity(recipe, hashes),
+                               "export": recipe.digest("components", "shapes", "opset", "streaming", "reference_points"),
                                "tools": _tool_versions(EXPORT_TOOLS)})
         self.calibration = _digest({"export": self.export, "calibration": recipe.digest("calibration")})
+        self.calibrated = calibration_needed([b.variant for b in recipe.build])
 
-    def compile(self, build: BuildSpec) -> str:
-        base = self.calibration if needs_calibration(build) else self.export
-        return _digest({"base": base, "build": build.model_dump(mode="json", exclude={"runs_on"}),
-                        "tools": _tool_versions(TARGET_TOOLS.get(build.target, ()))})
+    def compile(self, variant: Variant) -> str:
+        tgt = get_target(variant.target)
+        inputs = tgt.inputs(variant.config())
+        base: dict[str, Any] = {"export": self.export}
+        if inputs.calibration == "required" or (inputs.calibration == "optional" and self.calibrated):
+            base["calibration"] = self.calibration
+        if inputs.variant is not None:
+            base["variant"] = self.compile(Variant.of(*inputs.variant))
+        return _digest({"base": base, "variant": [variant.target, variant.precision, variant.options],
+                        "components": self.recipe.components, "tools": _tool_versions(tgt.tools)})
 
-    def validate(self, build: BuildSpec) -> str:
-        bounds = self.recipe.validation.tolerances.get(build.precision, {})
-        return _digest({"compile": self.compile(build), "tolerances": {k: v.model_dump() for k, v in bounds.items()}})
+    def validate(self, variant: Variant) -> str:
+        tolerance = get_target(variant.target).tolerance_row(variant.config())
+        bounds = self.recipe.validation.tolerances.get(tolerance, {})
+        return _digest({"compile": self.compile(variant), "row": repr(row(tolerance)),
+                        "tolerances": {k: v.model_dump() for k, v in bounds.items()}})
 
 
-def stage_name(kind: str, build: BuildSpec) -> str:
-    return f"{kind}-{build.target}-{build.precision}"
+def stage_name(kind: str, variant: Variant) -> str:
+    return f"{kind}-{variant.key}"
 
 
 class Builder:
-    def __init__(self, recipe: Recipe, out: Path, *, builds: list[BuildSpec], store: Store | None,
+    def __init__(self, recipe: Recipe, out: Path, *, variants: list[Variant], store: Store | None,
                  merge: bool, progress: Progress):
-        self.recipe, self.out, self.builds, self.store, self.merge = recipe, out, builds, store, merge
+        self.recipe, self.out, self.variants, self.store, self.merge = recipe, out, variants, store, merge
         self.progress = progress
-        self.keys = Keys(recipe)
+        self.hashes = HashCache(out / STAGES_DIR / HASHES)
+        self.keys = Keys(recipe, self.hashes)
         self.report = BuildReport(out)
         self._source = None
         self._manifest_cleared = False
@@ -152,7 +175,7 @@ class Builder:
     def _intact(self, record: dict[str, Any]) -> bool:
         for rel, entry in record["outputs"].items():
             path = self.out / rel
-            if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+            if not path.is_file() or path.stat().st_size != entry["size"] or self.hashes.sha256(path) != entry["sha256"]:
                 return False
         return True
 
@@ -163,7 +186,7 @@ class Builder:
             for path in sorted(root.rglob("*")) if root.is_dir() else []:
                 rel = path.relative_to(self.out).as_posix()
                 if path.is_file() and rel not in exclude:
-                    files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+                    files[rel] = {"sha256": self.hashes.sha256(path), "size": path.stat().st_size}
         return files
 
     def stage(self, name: str, key: str, run: Callable[[], tuple[list[str], dict[str, Any]]],
@@ -190,6 +213,7 @@ class Builder:
             record = {"stage": name, "key": key, "outputs": self._files_under(dirs, exclude), "result": result}
             write_json_atomic(self._record_path(name), record)
             outcome = StageOutcome(name, key, "built", result)
+        self.hashes.save()
         if self.store is not None and not self.store.has(key):
             self.progress(f"{name}: pushing to store")
             self.store.push(name, key, self.out, record["outputs"], record["result"])
@@ -202,22 +226,28 @@ class Builder:
             (self.out / manifest.MANIFEST).unlink(missing_ok=True)
             self._manifest_cleared = True
 
+    def _load(self, *, empty: bool = False) -> sources.Source:
+        src = self.recipe.source
+        self.progress(f"loading {src.ref}")
+        return sources.load(src.ref, allow_pickle=src.allow_pickle, revision=src.revision, seed=src.seed, empty=empty,
+                            hashes=self.hashes)
+
     def _pipeline(self):
         if self._source is None:
-            src = self.recipe.source
-            self.progress(f"loading {src.ref}")
-            self._source = sources.load(src.ref, allow_pickle=src.allow_pickle, revision=src.revision, seed=src.seed)
-        return self._source
+            self._source = self._load()
+        return self._source.pipeline
 
-    # -- stages --------------------------------------------------------------------------
+    # -- stages: each runs the job the CLI runs ---------------------------------------------
     def export(self) -> StageOutcome:
         def run():
-            src = self._pipeline()
-            result = export_pipeline(src.pipeline, self.out, components=self.recipe.components,
-                                     shapes=self.recipe.shapes.request(), opset=self.recipe.opset, source_info=src.info,
-                                     progress=lambda c, s: self.progress(f"export {c}: {s}"))
-            return [ONNX_DIR, REFERENCE_DIR], {"family": result.family, "opset": self.recipe.opset, "source": src.info,
-                                               "components": list(result.specs)}
+            options = self.recipe.export_options()
+            src = self._load(empty=True) if options.get("streaming") else self._source or self._load()
+            if not options.get("streaming"):
+                self._source = src
+            result, entry = jobs.export_work(src, self.out, components=self.recipe.components,
+                                             shapes=self.recipe.shapes.request(), opset=self.recipe.opset,
+                                             progress=lambda s: self.progress(f"export {s}"), **options)
+            return [ONNX_DIR, REFERENCE_DIR], {**entry, "source": src.info, "components": list(result.specs)}
 
         return self.stage("export", self.keys.export, run)
 
@@ -225,53 +255,33 @@ class Builder:
         from exporters import calibration
 
         def run():
-            _, specs = read_tree_info(self.out / ONNX_DIR)
             cal = self.recipe.calibration
-            calibration.capture(self._pipeline().pipeline, self.out, prompts=cal.prompts, steps=cal.steps,
-                                seed=cal.seed, specs=specs)
-            return [calibration.CALIBRATION_DIR], {"info": calibration.info(self.out / calibration.CALIBRATION_DIR)}
+            done = jobs.calibrate_work(self.out, self._pipeline, prompts=cal.prompts, steps=cal.steps, seed=cal.seed,
+                                       progress=self.progress)
+            return [calibration.CALIBRATION_DIR], {"info": done["info"], "entry": done["entry"]}
 
         return self.stage("calibration", self.keys.calibration, run)
 
-    def compile(self, build: BuildSpec, export_files: set[str]) -> StageOutcome:
+    def compile(self, variant: Variant, export_files: set[str]) -> StageOutcome:
         def run():
-            _, specs = read_tree_info(self.out / ONNX_DIR)
-            specs = select(specs, self.recipe.components)
-            tgt = get_target(build.target)
-            config = tgt.config(precision=build.precision, components=self.recipe.components, **build.options)
-            plan = tgt.plan(self.out / ONNX_DIR, specs, config)
-            result = tgt.build(plan, self.out)
-            rel = result.out_dir.relative_to(self.out).as_posix()
-            return [rel], {"dir": rel, "config": config.model_dump(mode="json"), "details": result.details,
-                           "note": result.note}
+            result, entry = jobs.compile_work(self.out, variant, components=self.recipe.components,
+                                              source=self._pipeline, progress=self.progress)
+            return [entry["dir"]], entry
 
         # The fp32 ONNX Runtime variant is the exported tree itself: its files belong to export.
-        return self.stage(stage_name("compile", build), self.keys.compile(build), run, exclude=export_files)
+        return self.stage(stage_name("compile", variant), self.keys.compile(variant), run, exclude=export_files)
 
-    def validate(self, build: BuildSpec) -> StageOutcome:
-        from validation.validate import validate
-
+    def validate(self, variant: Variant) -> StageOutcome:
         def run():
-            _, specs = read_tree_info(self.out / ONNX_DIR)
-            specs = select(specs, self.recipe.components)
-            tgt = get_target(build.target)
-            config = tgt.config(precision=build.precision, components=self.recipe.components, **build.options)
-            artifacts = tgt.output_dir(self.out, config)
-            result = validate(specs, lambda spec: tgt.runner(artifacts, spec), self.out / REFERENCE_DIR,
-                              target=build.target, precision=build.precision, policy=self.recipe.validation.policy(),
-                              progress=lambda c: self.progress(f"validate {build.id}: {c}"))
-            folder = artifacts.relative_to(self.out).as_posix()
-            return [], {"report": result.to_json(), "hardware": manifest.hardware(), "dir": folder,
-                        "checked": manifest.checked_files(self.out, artifacts, specs)}
+            result = jobs.validate_work(self.out, variant, components=self.recipe.components,
+                                        policy=self.recipe.validation.policy(),
+                                        progress=lambda c: self.progress(f"validate {variant.key}: {c}"))
+            return [], {"report": result.to_json(), "verdict": jobs.verdict_entry(self.out, result, variant),
+                        "hardware": manifest.hardware()}
 
-        outcome = self.stage(stage_name("validate", build), self.keys.validate(build), run)
-        report = outcome.result["report"]
-        exported = list(read_tree_info(self.out / ONNX_DIR)[1])
-        self.report.verdicts[f"{build.target}-{build.precision}"] = {
-            **manifest.verdict_entry(report, outcome.result.get("checked") or {}, exported,
-                                     folder=outcome.result.get("dir")),
-            "hardware": outcome.result["hardware"],
-        }
+        outcome = self.stage(stage_name("validate", variant), self.keys.validate(variant), run)
+        verdict = outcome.result.get("verdict") or {}
+        self.report.verdicts[variant.key] = {**verdict, "hardware": outcome.result["hardware"]}
         return outcome
 
     # -- finish --------------------------------------------------------------------------
@@ -286,6 +296,9 @@ class Builder:
         data = manifest.new(request)
         data["source"] = export.result["source"]
         data["stages"] = {"export": {k: v for k, v in export.result.items() if k != "source"}}
+        calibrated = next((s for s in self.report.stages if s.name == "calibration"), None)
+        if calibrated is not None and "entry" in calibrated.result:
+            data["stages"]["calibrate"] = calibrated.result["entry"]
         data["targets"] = {k: v.result for k, v in compiled.items()}
         data["validation"] = dict(self.report.verdicts)
         data["stages"]["keys"] = keys
@@ -308,7 +321,7 @@ class Builder:
 
 def run_build(recipe: Recipe, out: Path, *, only: list[str] | None = None, store_url: str | None = None,
               merge: bool = False, export_only: bool = False, progress: Progress | None = None) -> BuildReport:
-    builds = recipe.select(only)
+    variants = [b.variant for b in recipe.select(only)]
     store = Store(store_url) if store_url else None
     if merge and store is None:
         raise SourceError("--merge needs --store URL", "pass the store the build jobs pushed to")
@@ -316,20 +329,22 @@ def run_build(recipe: Recipe, out: Path, *, only: list[str] | None = None, store
     with folder_lock(out):
         manifest.check_output_folder(out)
         clean_staging(out)
-        builder = Builder(recipe, out, builds=builds, store=store, merge=merge, progress=progress or (lambda s: None))
+        builder = Builder(recipe, out, variants=variants, store=store, merge=merge, progress=progress or (lambda s: None))
+        order = compile_order(variants)
         if not merge and not export_only:
-            for b in builds:  # fail before any work if this machine cannot build a variant
-                get_target(b.target).availability().require(f"cannot build {b.id} here")
+            for v in order:  # fail before any work if this machine cannot build a variant
+                get_target(v.target).build_availability().require(f"cannot build {v.id} here")
         export = builder.export()
         export_files = set(_record_outputs(builder, "export"))
-        if any(needs_calibration(b) for b in (recipe.build if export_only else builds)):
+        if calibration_needed([b.variant for b in recipe.build] if export_only else variants):
             builder.calibration()
         if export_only:
             return builder.report
         compiled, validated = {}, {}
-        for b in builds:
-            compiled[f"{b.target}-{b.precision}"] = builder.compile(b, export_files)
-            validated[f"{b.target}-{b.precision}"] = builder.validate(b)
+        for v in order:
+            compiled[v.key] = builder.compile(v, export_files)
+        for v in variants:
+            validated[v.key] = builder.validate(v)
         builder.finish(export, compiled, validated, request)
         shutil.rmtree(out / ".staging", ignore_errors=True)
         return builder.report

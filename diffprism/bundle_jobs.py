@@ -27,8 +27,8 @@ Progress = Callable[[str], None]
 
 
 def is_pipeline_target(target: str) -> bool:
-    """A target whose artifact runs as one pipeline (it offers pipeline_runner), not component by component."""
-    return hasattr(get_target(target), "pipeline_runner")
+    """A target whose artifact runs as one pipeline, not component by component."""
+    return get_target(target).runs_as_pipeline
 
 
 def pipeline_e2e_job(out: Path, *, target: str, precision: str, requests: Sequence[Request],

@@ -16,14 +16,16 @@ import numpy as np
 
 from diffprism import manifest
 from diffprism.jobs import REPORT_DIR, _read_json, tree_specs
-from diffprism.placement import TORCH, Placement, Runners, mix_label, resolve
+from diffprism.placement import Placement, Runners, mix_label, resolve
+from diffprism.variant import TORCH
 from exporters.errors import UsageError
 from exporters.files import write_bytes_atomic, write_json_atomic
 from exporters.reference import save_npz
 from exporters.tree import geometry as tree_geometry
 from runtimes.pipeline import Generation, Request, close, generate, initial_latents, runners as pipeline_runners
 from validation import report
-from validation.e2e import E2EResult, check_pipeline, loosest
+from validation.e2e import E2EResult, check_pipeline
+from validation.policy import loosest
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +158,7 @@ def e2e_job(out: Path, variants: Sequence[Mapping[str, Placement]], requests: Se
     results = []
     for placements in variants:
         label = mix_label(placements)
-        precision = loosest([p.precision for p in placements.values()])
+        precision = loosest([p.tolerance_row for p in placements.values()])
         if progress:
             progress(f"end-to-end {label}")
         default = next(iter(placements.values()))

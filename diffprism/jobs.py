@@ -1,4 +1,10 @@
-"""The front door's jobs: export, validate, compile. The CLI and the build recipe both call these."""
+"""The jobs: export, calibrate, compile, validate. The CLI and the build recipe both call these.
+
+Each job is a `*_work` function that does the work and returns what it found, plus a `*_job`
+wrapper for the CLI that records it in the manifest (the manifest last). `diffprism build`
+calls the same `*_work` functions and records into its stage records instead, so whatever
+the CLI can build a recipe can build, by the same code.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffprism import manifest, sources
+from diffprism.variant import Variant, resolve
 from exporters.errors import SourceError, UsageError
 from exporters.export import ONNX_DIR, REFERENCE_DIR, ExportResult, export_pipeline
 from exporters.files import clean_staging, write_json_atomic
@@ -20,6 +27,33 @@ log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 Progress = Callable[[str], None]
+SourceLoader = Callable[[], Any]  # -> the torch pipeline, loaded on first need
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def export_work(src: sources.Source, out: Path, *, components: list[str] | None = None,
+                shapes: ShapeRequest = ShapeRequest(), opset: int = 18, streaming: bool = False,
+                reference_points: str = DEFAULT_REFERENCE_POINTS,
+                progress: Progress | None = None) -> tuple[ExportResult, dict[str, Any]]:
+    """Export the loaded source into out/onnx and out/reference; returns the result and its stage entry."""
+    result = export_pipeline(
+        src.pipeline, out, components=components, shapes=shapes, opset=opset, source_info=src.info,
+        progress=(lambda c, s: progress(f"{c}: {s}")) if progress else None, streaming=streaming,
+        reference_points=reference_points,
+    )
+    entry = {
+        "family": result.family,
+        "opset": opset,
+        "streamed": streaming,
+        "reference_points": reference_points,
+        "components": {
+            c.name: {"seconds": round(c.seconds, 2), "bytes": c.onnx_bytes, "spec": c.spec.to_json()}
+            for c in result.components
+        },
+    }
+    return result, entry
 
 
 def export_job(source: str, out: Path, *, components: list[str] | None = None, shapes: ShapeRequest = ShapeRequest(),
@@ -35,38 +69,23 @@ def export_job(source: str, out: Path, *, components: list[str] | None = None, s
     auto = streaming is None
     # Pickled weights cannot be streamed (only safetensors are read tensor by tensor).
     src = sources.load(source, allow_pickle=allow_pickle, revision=revision,
-                       empty=bool(streaming) if not auto else not allow_pickle,
-                       components=components)
-    streamed = src.empty
+                       empty=bool(streaming) if not auto else not allow_pickle, components=components)
 
-    def run(src: sources.Source, streamed: bool) -> ExportResult:
-        return export_pipeline(
-            src.pipeline, out, components=components, shapes=shapes, opset=opset, source_info=src.info,
-            progress=(lambda c, s: progress(f"{c}: {s}")) if progress else None, streaming=streamed,
-            reference_points=reference_points,
-        )
+    def run(src: sources.Source, streamed: bool) -> tuple[ExportResult, dict[str, Any]]:
+        return export_work(src, out, components=components, shapes=shapes, opset=opset, streaming=streamed,
+                           reference_points=reference_points, progress=progress)
 
     try:
-        result = run(src, streamed or bool(streaming))
+        result, entry = run(src, src.empty or bool(streaming))
     except StreamingUnsupported as exc:
-        if not (auto and streamed):
+        if not (auto and src.empty):
             raise
         log.warning("streamed export not possible (%s); loading the weights for the plain export", exc.message)
         src = sources.load(source, allow_pickle=allow_pickle, revision=revision, components=components)
-        streamed = False
-        result = run(src, False)
+        result, entry = run(src, False)
     data = manifest.new(request or {"command": "export", "source": source})
     data["source"] = src.info
-    data["stages"]["export"] = {
-        "family": result.family,
-        "opset": opset,
-        "streamed": streamed,
-        "reference_points": reference_points,
-        "components": {
-            c.name: {"seconds": round(c.seconds, 2), "bytes": c.onnx_bytes, "spec": c.spec.to_json()}
-            for c in result.components
-        },
-    }
+    data["stages"]["export"] = entry
     manifest.write(out, data)
     return result
 
@@ -87,39 +106,181 @@ def select(specs: dict[str, ComponentSpec], components: list[str] | None) -> dic
     return {n: s for n, s in specs.items() if n in components}
 
 
-def validate_job(out: Path, *, target: str = "onnxruntime", precision: str | None = "fp32",
-                 components: list[str] | None = None, policy: Policy = Policy(),
-                 runner_options: dict[str, Any] | None = None, progress: Progress | None = None) -> ValidationResult:
-    _, exported = tree_specs(out)
-    specs = select(exported, components)
-    tgt = get_target(target)
-    options = dict(runner_options or {})
-    # Options that are target config fields (e.g. Core ML compress) pick the variant; the rest go to the runner.
-    variant = {k: options.pop(k) for k in list(options) if k in tgt.Config.model_fields and k != "precision"}
-    config = tgt.config(precision=precision, **variant)
-    precision = config.precision
-    label = tgt.variant_label(config) if hasattr(tgt, "variant_label") else precision  # e.g. fp16-palettize4
-    artifacts = tgt.output_dir(out, config)
+def recorded_source(out: Path) -> SourceLoader:
+    """A loader of the source the export recorded in its manifest (for jobs run after the export)."""
+    def load() -> Any:
+        recorded = (manifest.load(out) or {}).get("source")
+        if not recorded:
+            raise SourceError(f"{out} has no manifest recording its source", "re-run 'diffprism export SOURCE --out DIR'")
+        return sources.load_recorded(recorded).pipeline
+
+    return _once(load)
+
+
+def _once(load: SourceLoader) -> SourceLoader:
+    cache: list[Any] = []
+
+    def get() -> Any:
+        if not cache:
+            cache.append(load())
+        return cache[0]
+
+    return get
+
+
+# --- calibrate ----------------------------------------------------------------------------------
+
+
+def calibrate_work(out: Path, source: SourceLoader, *, prompts: list[str] | None = None, num_prompts: int | None = None,
+                   steps: int = 4, seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
+    """Capture real component inputs from the source into <out>/calibration; returns its stage entry."""
+    from exporters import calibration
+
+    info, specs = tree_specs(out)
+    chosen = calibration.pick_prompts(prompts, num_prompts)
+    pipeline = source()
+    if progress:
+        progress(f"denoising {len(chosen)} prompts x {steps} steps")
+    folder = calibration.capture(pipeline, out, prompts=chosen, steps=steps, seed=seed, specs=specs,
+                                 geometry=tree_geometry(info))
+    info = calibration.info(folder)
+    entry = {k: info[k] for k in ("steps", "seeds", "height", "width", "counts", "scheduler")}
+    entry["prompts"] = len(info["prompts"])
+    return {"info": info, "entry": entry}
+
+
+def calibrate_job(out: Path, *, prompts: list[str] | None = None, num_prompts: int | None = None, steps: int = 4,
+                  seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
+    from exporters.calibration import CALIBRATION_DIR
+
+    data = manifest.load(out)
+    manifest.preflight(out, [CALIBRATION_DIR])
+    if not data or not data.get("source"):
+        raise SourceError(f"{out} has no manifest recording its source", "re-run 'diffprism export SOURCE --out DIR'")
+    if progress:
+        progress(f"loading {data['source'].get('preset') or data['source'].get('path') or data['source'].get('repo_id')}")
+    done = calibrate_work(out, recorded_source(out), prompts=prompts, num_prompts=num_prompts, steps=steps, seed=seed,
+                          progress=progress)
+    manifest.commit(out, [CALIBRATION_DIR], lambda d: d.setdefault("stages", {}).__setitem__("calibrate", done["entry"]))
+    return done["info"]
+
+
+def has_capture(out: Path) -> bool:
+    from exporters.calibration import CALIBRATION_DIR
+
+    return (out / CALIBRATION_DIR / "info.json").is_file()
+
+
+# --- compile ------------------------------------------------------------------------------------
+
+
+def compile_work(out: Path, variant: Variant, *, components: list[str] | None = None, source: SourceLoader,
+                 progress: Progress | None = None):
+    """Plan and build one variant from the ONNX tree; returns (BuildResult, its manifest entry)."""
+    _, specs = tree_specs(out)
+    specs = select(specs, components)
+    tgt = get_target(variant.target)
+    config = variant.config(components)
+    plan = tgt.plan(out / ONNX_DIR, specs, config)
+    if progress:
+        progress(f"building {variant.key}")
+    pipeline = None
+    if tgt.needs_source(config):  # e.g. Core ML converts from the torch.export program; pruned/qat retrain it
+        if progress:
+            progress("loading the source pipeline")
+        pipeline = source()
+    result = tgt.build(plan, out, source=pipeline)
+    entry = {
+        "target": variant.target,
+        "precision": variant.precision,
+        "options": variant.options,
+        "dir": result.out_dir.relative_to(out).as_posix() if result.out_dir.is_relative_to(out) else str(result.out_dir),
+        "config": config.model_dump(mode="json"),
+        "details": result.details,
+        "note": result.note,
+    }
+    return result, entry
+
+
+def compile_job(out: Path, *, target: str, precision: str | None, components: list[str] | None = None,
+                options: dict[str, Any] | None = None, progress: Progress | None = None):
+    """`diffprism compile`: build one variant; a calibrated precision without a capture captures first."""
+    from exporters.calibration import CALIBRATION_DIR
+
+    variant = Variant.of(target, precision, options)
+    source = recorded_source(out)
+    stages: dict[str, Any] = {}
+    tgt = get_target(variant.target)
+    planned = variant.folder(out)
+    owned = [] if planned == out / ONNX_DIR else [planned.relative_to(out).as_posix()]
+    capture = tgt.inputs(variant.config(components)).calibration == "required" and not has_capture(out)
+    manifest.preflight(out, owned + ([CALIBRATION_DIR] if capture else []))
+    if capture:
+        log.warning("%s needs a calibration capture and %s has none: running 'diffprism calibrate' with its "
+                    "defaults first", variant.key, out)
+        if progress:
+            progress("no calibration capture yet: capturing with 'diffprism calibrate' defaults")
+        stages["calibrate"] = calibrate_work(out, source, progress=progress)["entry"]
+    result, entry = compile_work(out, variant, components=components, source=source, progress=progress)
+    # The fp32 ONNX Runtime variant is the exported tree itself: compile wrote nothing there.
+    owned = [] if entry["dir"] == ONNX_DIR else [entry["dir"]]
+
+    def update(data: dict[str, Any]) -> None:
+        data.setdefault("stages", {}).update(stages)
+        data.setdefault("targets", {})[variant.key] = entry
+
+    manifest.commit(out, owned + ([CALIBRATION_DIR] if stages else []), update, request={"command": "compile"})
+    return result
+
+
+# --- validate -----------------------------------------------------------------------------------
+
+
+def split_options(target: str, options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(variant options, runner options): options that are target config fields pick the variant."""
+    fields = get_target(target).Config.model_fields
+    options = dict(options or {})
+    chosen = {k: options.pop(k) for k in list(options) if k in fields and k not in ("precision", "components")}
+    return chosen, options
+
+
+def validate_work(out: Path, variant: Variant, *, components: list[str] | None = None, policy: Policy = Policy(),
+                  runner_options: dict[str, Any] | None = None, progress: Progress | None = None) -> ValidationResult:
+    """Numerics against the PyTorch references, or the structural check where numerics cannot run here."""
+    _, specs = tree_specs(out)
+    specs = select(specs, components)
+    tgt = get_target(variant.target)
+    config = variant.config()
+    artifacts = variant.folder(out)
     if not artifacts.is_dir():
-        raise SourceError(f"no {target} {precision} artifacts at {artifacts}",
-                          f"run 'diffprism compile {out} --target {target} --precision {precision}' first")
-    owned = [REPORT_DIR, *_unrecorded(out, artifacts)]
-    manifest.preflight(out, owned)
-    missing = tgt.runner_availability() if hasattr(tgt, "inspect") else None
-    if missing is not None and not missing.ok:
+        raise SourceError(f"no {variant.key} artifacts at {artifacts}",
+                          f"run 'diffprism compile {out} --target {variant.target} --precision {variant.precision}' first")
+    here = tgt.runner_availability()
+    if not here.ok:
         # Numerics cannot run here (e.g. Core ML off macOS): check the artifacts' structure and say so.
-        result = ValidationResult(target, label, status="structural", numerics_skipped=missing.reason)
+        result = ValidationResult(variant.target, variant.tag, status="structural", numerics_skipped=here.reason)
         for name, spec in specs.items():
             if progress:
                 progress(name)
             result.structure[name] = tgt.inspect(artifacts, spec, config)
-        record_validation(out, result, artifacts, list(exported), owned, references=False)
         return result
-    tolerance = tgt.tolerance_precision(config) if hasattr(tgt, "tolerance_precision") else precision
+    options = dict(runner_options or {})
     result = validate(specs, lambda spec: tgt.runner(artifacts, spec, **options), out / REFERENCE_DIR,
-                      target=target, precision=tolerance, policy=policy, progress=progress)
-    result.precision = label
-    record_validation(out, result, artifacts, list(exported), owned)
+                      target=variant.target, precision=tgt.tolerance_row(config), policy=policy, progress=progress)
+    result.precision = variant.tag
+    return result
+
+
+def validate_job(out: Path, *, target: str, precision: str | None = None,
+                 components: list[str] | None = None, policy: Policy = Policy(),
+                 runner_options: dict[str, Any] | None = None, progress: Progress | None = None) -> ValidationResult:
+    chosen, runner = split_options(target, runner_options)
+    variant = resolve(out, Variant.of(target, precision, chosen))
+    artifacts = variant.folder(out)
+    owned = [REPORT_DIR, *_unrecorded(out, artifacts)]
+    manifest.preflight(out, owned)
+    result = validate_work(out, variant, components=components, policy=policy, runner_options=runner, progress=progress)
+    record_validation(out, result, variant, owned)
     return result
 
 
@@ -133,21 +294,30 @@ def _unrecorded(out: Path, artifacts: Path) -> list[str]:
     return [] if any(f == rel or f.startswith(rel + "/") for f in data.get("files", {})) else [rel]
 
 
-def record_validation(out: Path, result: ValidationResult, artifacts: Path, exported: list[str],
-                      owned: list[str], *, references: bool = True) -> None:
-    """Merge the verdict into report/validation.json and the manifest (manifest last), naming the
-    sha256 of every file each component's check read; a partial run merges per component."""
-    key = f"{result.target}-{result.precision}"
-    checked = manifest.checked_files(out, artifacts, result.structure or result.runner, references=references)
+def verdict_entry(out: Path, result: ValidationResult, variant: Variant,
+                  previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest's record of one verdict: status passed, failed or structural (never passed off macOS),
+    with the sha256 of every file each component's check read; a partial run merges per component."""
+    artifacts = variant.folder(out)
+    structural = result.status == "structural"
+    checked = manifest.checked_files(out, artifacts, result.structure if structural else result.runner,
+                                     references=not structural)
+    exported = list(tree_specs(out)[1])
+    folder = artifacts.relative_to(out).as_posix() if artifacts.is_relative_to(out) else None
+    return manifest.verdict_entry(result.to_json(), checked, exported, previous, folder=folder)
+
+
+def record_validation(out: Path, result: ValidationResult, variant: Variant, owned: list[str]) -> None:
+    """Merge the verdict into report/validation.json and the manifest (manifest last)."""
+    key = variant.key
     report_path = out / REPORT_DIR / "validation.json"
     report = _read_json(report_path)
     report.setdefault("results", {})[key] = result.to_json()
     write_json_atomic(report_path, report)
-    folder = artifacts.relative_to(out).as_posix() if artifacts.is_relative_to(out) else None
 
     def update(data: dict[str, Any]) -> None:
         verdicts = data.setdefault("validation", {})
-        verdicts[key] = manifest.verdict_entry(result.to_json(), checked, exported, verdicts.get(key), folder=folder)
+        verdicts[key] = verdict_entry(out, result, variant, verdicts.get(key))
 
     manifest.commit(out, owned, update, request={"command": "validate"})
 
@@ -156,69 +326,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     from validation.report import read_json
 
     return read_json(path)
-
-
-def compile_job(out: Path, *, target: str, precision: str | None, components: list[str] | None = None,
-                options: dict[str, Any] | None = None, progress: Progress | None = None):
-    """Plan and build one target variant from the ONNX tree; records it in the manifest."""
-    _, specs = tree_specs(out)
-    specs = select(specs, components)
-    tgt = get_target(target)
-    config = tgt.config(precision=precision, components=components, **(options or {}))
-    planned = tgt.output_dir(out, config)
-    manifest.preflight(out, [] if planned == out / ONNX_DIR else [planned.relative_to(out).as_posix()])
-    plan = tgt.plan(out / ONNX_DIR, specs, config)
-    if progress:
-        progress(f"building {target} {config.precision}")
-    needs_source = getattr(tgt, "needs_source", False)  # e.g. Core ML converts from the torch.export program
-    if callable(needs_source):  # per variant, e.g. ONNX Runtime's pruned/qat compress the torch model
-        needs_source = needs_source(config)
-    if needs_source:
-        recorded = (manifest.load(out) or {}).get("source")
-        if not recorded:
-            raise SourceError(f"{out} has no manifest recording its source, which the {target} build needs",
-                              "re-run 'diffprism export SOURCE --out DIR'")
-        if progress:
-            progress("reloading the source pipeline")
-        result = tgt.build(plan, out, source=sources.load_recorded(recorded).pipeline)
-    else:
-        result = tgt.build(plan, out)
-    variant = f"{target}-{config.precision}"
-    if getattr(config, "compress", "none") != "none":  # compressed variants sit beside the plain one
-        variant += f"-{config.compress}"
-    elif hasattr(tgt, "variant_label"):  # e.g. onnxruntime-pruned-structured beside onnxruntime-pruned
-        variant = f"{target}-{tgt.variant_label(config)}"
-    rel = result.out_dir.relative_to(out).as_posix() if result.out_dir.is_relative_to(out) else str(result.out_dir)
-    entry = {"dir": rel, "config": config.model_dump(), "details": result.details, "note": result.note}
-    # The fp32 ONNX Runtime variant is the exported tree itself: compile wrote nothing there.
-    owned = [] if rel == ONNX_DIR else [rel]
-    manifest.commit(out, owned, lambda data: data.setdefault("targets", {}).__setitem__(variant, entry),
-                    request={"command": "compile"})
-    return result
-
-
-def calibrate_job(out: Path, *, prompts: list[str] | None = None, num_prompts: int | None = None, steps: int = 4,
-                  seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
-    """Capture real component inputs from the export's own source into <out>/calibration (manifest last)."""
-    from exporters import calibration
-
-    info, specs = tree_specs(out)
-    geometry = tree_geometry(info)
-    data = manifest.load(out)
-    manifest.preflight(out, [calibration.CALIBRATION_DIR])
-    if not data or not data.get("source"):
-        raise SourceError(f"{out} has no manifest recording its source", "re-run 'diffprism export SOURCE --out DIR'")
-    chosen = calibration.pick_prompts(prompts, num_prompts)
-    if progress:
-        progress(f"loading {data['source'].get('preset') or data['source'].get('path') or data['source'].get('repo_id')}")
-    src = sources.load_recorded(data["source"])
-    if progress:
-        progress(f"denoising {len(chosen)} prompts x {steps} steps")
-    folder = calibration.capture(src.pipeline, out, prompts=chosen, steps=steps, seed=seed, specs=specs,
-                                 geometry=geometry)
-    info = calibration.info(folder)
-    stage = {k: info[k] for k in ("steps", "seeds", "height", "width", "counts", "scheduler")}
-    stage["prompts"] = len(info["prompts"])
-    manifest.commit(out, [folder.relative_to(out).as_posix()],
-                    lambda d: d.setdefault("stages", {}).__setitem__("calibrate", stage))
-    return info

@@ -309,8 +309,11 @@ def check_output_folder(out: Path) -> None:
     entries = [p for p in out.iterdir() if p.name not in IGNORED]
     if not entries or (out / MANIFEST).is_file():
         return
+    from targets.base import folder_prefixes
+
     ours = {"onnx", "reference", "calibration", "report"}
-    if all(p.name in ours or p.name.split("-")[0] in ("onnx", "openvino", "tensorrt", "coreml") for p in entries):
+    prefixes = folder_prefixes()  # each target names its artifact folders
+    if all(p.name in ours or p.name.split("-")[0] in prefixes for p in entries):
         return  # an earlier run that stopped before its manifest
     raise OutputError(
         f"output folder {out} holds other files ({entries[0].name}, ...)",

@@ -1,8 +1,8 @@
-"""Per-platform CI jobs for a recipe: one job per target x precision, with the runner it needs.
+"""Per-platform CI jobs for a recipe: one job per variant, with the runner its target asks for.
 
-TensorRT engines are specific to the GPU and TensorRT version that build them, so their
-jobs go to a self-hosted GPU runner labelled with the TensorRT version; Core ML needs
-macOS; ONNX Runtime and OpenVINO build and validate on any x86 Linux runner.
+Each target says where its builds run (targets.base.Target.runner_labels): e.g. TensorRT
+engines need a GPU runner labelled with the TensorRT version, Core ML needs macOS, ONNX
+Runtime and OpenVINO build and validate on any x86 Linux runner.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from diffprism.recipe import BuildSpec, Recipe
 from exporters.errors import UsageError
+from targets.base import get_target
 
 FORMATS = ("github", "gitlab")
 
@@ -17,21 +18,16 @@ FORMATS = ("github", "gitlab")
 def runner_labels(build: BuildSpec, recipe: Recipe) -> list[str]:
     if build.runs_on:
         return list(build.runs_on)
-    if build.target == "tensorrt":
-        return ["self-hosted", "linux", "x64", "gpu", f"tensorrt-{recipe.matrix.tensorrt}"]
-    if build.target == "coreml":
-        return ["macos-14"]
-    return ["ubuntu-latest"]
+    return get_target(build.target).runner_labels(recipe.matrix.model_dump())
 
 
 def jobs(recipe: Recipe, only: list[str] | None = None) -> list[dict[str, Any]]:
     out = []
     for b in recipe.select(only):
-        job: dict[str, Any] = {"name": f"{b.target}-{b.precision}", "build": b.id, "target": b.target,
-                               "precision": b.precision, "runs-on": runner_labels(b, recipe),
-                               "gpu": b.target == "tensorrt"}
-        if b.target == "tensorrt":
-            job["tensorrt"] = recipe.matrix.tensorrt
+        target, variant, settings = get_target(b.target), b.variant, recipe.matrix.model_dump()
+        job: dict[str, Any] = {"name": variant.key, "build": variant.id, "target": b.target,
+                               "precision": variant.precision, "runs-on": runner_labels(b, recipe), "gpu": target.gpu,
+                               "runner": target.gitlab_runner(settings), **target.matrix_facts(settings)}
         out.append(job)
     return out
 
@@ -42,15 +38,7 @@ def render(recipe: Recipe, fmt: str, only: list[str] | None = None) -> dict[str,
         raise UsageError(f"unknown matrix format '{fmt}'", f"choose from {', '.join(FORMATS)}")
     entries = jobs(recipe, only)
     if fmt == "github":
-        return {"include": entries}
+        return {"include": [{k: v for k, v in j.items() if k != "runner"} for j in entries]}
     # GitLab matrix values are strings; runner tags come from the RUNNER variable (tags: ["$RUNNER"]).
     return {"parallel": {"matrix": [{"BUILD": j["build"], "TARGET": j["target"], "PRECISION": j["precision"],
-                                     "RUNNER": _gitlab_tag(j)} for j in entries]}}
-
-
-def _gitlab_tag(job: dict[str, Any]) -> str:
-    if job["target"] == "tensorrt":
-        return f"gpu-tensorrt-{job['tensorrt']}"
-    if job["target"] == "coreml":
-        return "saas-macos-medium-m1"
-    return "saas-linux-small-amd64"
+                                     "RUNNER": j["runner"]} for j in entries]}}

@@ -7,11 +7,12 @@ source the export recorded in its manifest (loaded once, on first need).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from diffprism import manifest, sources
+from diffprism import variant as variants
+from diffprism.variant import TORCH, Variant
 from exporters.families import exporter_for
 from exporters.errors import SourceError, UsageError
 from exporters.export import ONNX_DIR
@@ -20,30 +21,8 @@ from runtimes.base import Runner
 
 log = logging.getLogger(__name__)
 
-TORCH = "torch"
-
-
-@dataclass(frozen=True)
-class Placement:
-    target: str  # "torch" or a target name from targets.base.REGISTRY
-    precision: str = "fp32"
-
-    @property
-    def label(self) -> str:
-        return TORCH if self.target == TORCH else f"{self.target}-{self.precision}"
-
-    @classmethod
-    def parse(cls, text: str) -> "Placement":
-        """'torch', 'openvino', 'openvino:int8' (or 'openvino-int8')."""
-        from targets.base import REGISTRY
-
-        text = text.strip()
-        target, sep, precision = text.partition(":") if ":" in text else text.partition("-")
-        if target != TORCH and target not in REGISTRY:
-            raise UsageError(f"unknown target '{target}' in '{text}'", f"choose from torch, {', '.join(REGISTRY)}")
-        if target == TORCH and precision not in ("", "fp32"):
-            raise UsageError(f"'{text}': the PyTorch reference runs in fp32 only", "write 'torch'")
-        return cls(target, precision or "fp32")
+# A placement is a variant (diffprism.variant) or the PyTorch source: one identity, one label.
+Placement = Variant
 
 
 def parse_component_targets(items: list[str] | None) -> dict[str, Placement]:
@@ -54,7 +33,7 @@ def parse_component_targets(items: list[str] | None) -> dict[str, Placement]:
         if not sep or not name.strip() or not where.strip():
             raise UsageError(f"--component-target '{item}' is not COMPONENT=TARGET[:PRECISION]",
                              "write e.g. --component-target unet=openvino:int8")
-        found[name.strip()] = Placement.parse(where)
+        found[name.strip()] = variants.parse(where)
     return found
 
 
@@ -83,15 +62,7 @@ class Runners:
         return self._source
 
     def artifact_dir(self, placement: Placement) -> Path:
-        from targets.base import get_target
-
-        target = get_target(placement.target)
-        path = target.output_dir(self.out, target.config(precision=placement.precision))
-        if not path.is_dir():
-            raise SourceError(f"no {placement.target} {placement.precision} artifacts at {path}",
-                              f"run 'diffprism compile {self.out} --target {placement.target} "
-                              f"--precision {placement.precision}' first")
-        return path
+        return variants.require_built(self.out, placement)
 
     def runner(self, name: str, spec: ComponentSpec, placement: Placement) -> Runner:
         if placement.target == TORCH:
@@ -102,8 +73,7 @@ class Runners:
             return TorchRunner(spec, exporter.wrap(exporter.module(source), spec))
         from targets.base import get_target
 
-        target = get_target(placement.target)
-        return target.runner(self.artifact_dir(placement), spec, **self.options)
+        return get_target(placement.target).runner(self.artifact_dir(placement), spec, **self.options)
 
     def pipeline(self, placements: Mapping[str, Placement], default: Placement) -> Any:
         """A diffusers pipeline: the PyTorch source itself if everything is torch, else a runner pipeline."""
@@ -125,20 +95,10 @@ def resolve(out: Path, default: Placement, overrides: Mapping[str, Placement]) -
     if unknown:
         raise UsageError(f"--component-target names {unknown}, which generation does not use",
                          f"choose from {', '.join(needed)}")
-    return {n: overrides.get(n, default) for n in needed}
+    chosen = {n: overrides.get(n, default) for n in needed}
+    return {n: variants.resolve(out, p) for n, p in chosen.items()}
 
 
 def built_variants(out: Path) -> list[Placement]:
-    """Target variants built in the folder: the exported ONNX tree plus every compiled target whose folder exists."""
-    from exporters.paths import resolve_inside
-
-    found = [Placement("onnxruntime", "fp32")] if (out / ONNX_DIR).is_dir() else []
-    data = manifest.load(out) or {}
-    for key, entry in sorted((data.get("targets") or {}).items()):
-        target = key.split("-", 1)[0]
-        precision = (entry.get("config") or {}).get("precision") or key.split("-", 1)[-1]
-        placement = Placement(target, precision)
-        folder = entry.get("dir")
-        if placement not in found and folder and resolve_inside(out, folder, "target folder").is_dir():
-            found.append(placement)
-    return found
+    """Target variants built in the folder: the exported ONNX tree plus every compiled variant whose folder exists."""
+    return variants.built(out)

@@ -106,8 +106,19 @@ class BuildSpec(_Model):
     runs_on: list[str] | None = None  # CI runner labels for this build's job (default per target)
 
     @property
-    def id(self) -> str:
-        return f"{self.target}:{self.precision}"
+    def variant(self):
+        """The one identity of this build (diffprism.variant.Variant): folder, label, stage names, manifest entry."""
+        from diffprism.variant import Variant
+
+        return Variant.of(self.target, self.precision, self.options)
+
+    @model_validator(mode="after")
+    def _valid_options(self) -> "BuildSpec":
+        try:
+            self.variant
+        except UsageError as exc:
+            raise ValueError(exc.message) from None
+        return self
 
     @field_validator("target")
     @classmethod
@@ -158,6 +169,8 @@ class Recipe(_Model):
     source: SourceSection
     components: list[str] | None = None
     opset: int = 18
+    streaming: bool | None = None  # streamed export from a folder source (None: the export's default)
+    reference_points: str | None = None  # PyTorch reference points, as 'diffprism export --reference-points'
     shapes: ShapesSection = Field(default_factory=ShapesSection)
     build: list[BuildSpec] = Field(min_length=1)
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
@@ -169,20 +182,31 @@ class Recipe(_Model):
     def _unique_builds(self) -> "Recipe":
         seen = set()
         for b in self.build:
-            if b.id in seen:
-                raise ValueError(f"build {b.id} is listed twice")
-            seen.add(b.id)
+            if b.variant in seen:
+                raise ValueError(f"build {b.variant.id} is listed twice")
+            seen.add(b.variant)
         return self
 
     def select(self, only: list[str] | None) -> list[BuildSpec]:
-        """The builds named by --only target:precision (all when none given)."""
+        """The builds named by --only (a variant id such as openvino:int8-3a3b5af9, its key, or target:precision
+        when that names one build); all when none given."""
         if not only:
             return list(self.build)
-        known = {b.id: b for b in self.build}
-        missing = [o for o in only if o not in known]
-        if missing:
-            raise UsageError(f"--only {missing[0]} is not a build of this recipe", f"builds: {', '.join(known)}")
-        return [known[o] for o in only]
+        chosen = []
+        for o in only:
+            found = [b for b in self.build if o in (b.variant.id, b.variant.key)] or \
+                [b for b in self.build if o == f"{b.target}:{b.precision}"]
+            if len(found) != 1:
+                what = "is not a build" if not found else "names several builds"
+                raise UsageError(f"--only {o} {what} of this recipe",
+                                 f"builds: {', '.join(b.variant.id for b in self.build)}")
+            chosen.append(found[0])
+        return chosen
+
+    def export_options(self) -> dict[str, Any]:
+        """Export settings the recipe sets (unset ones keep the export job's defaults)."""
+        return {k: v for k, v in (("streaming", self.streaming), ("reference_points", self.reference_points))
+                if v is not None}
 
     def digest(self, *sections: str) -> str:
         """sha256 of the named sections' canonical JSON: part of every stage key."""

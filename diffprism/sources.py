@@ -15,6 +15,7 @@ from typing import Any
 
 from diffprism import presets
 from exporters.errors import SourceError
+from exporters.files import HashCache
 from exporters.families import SUPPORTED, family_of
 
 log = logging.getLogger(__name__)
@@ -39,16 +40,17 @@ def looks_like_hub_id(text: str) -> bool:
 
 
 def load(ref: str, *, allow_pickle: bool = False, revision: str | None = None, seed: int = 0,
-         empty: bool = False, components: list[str] | None = None) -> Source:
+         empty: bool = False, components: list[str] | None = None, hashes: HashCache | None = None) -> Source:
     """empty=True: a folder's models are built on the meta device; their weights stay in the
     safetensors files for a streamed export (exporters.streaming). components: the ones to be
-    exported (a folder needs the tokenizers of those text encoders only)."""
+    exported (a folder needs the tokenizers of those text encoders only). `hashes` remembers the
+    folder's file digests (a build passes the one under its .stages/)."""
     if ref in presets.PRESETS:
         pipe = presets.build(ref, seed)
         return Source("preset", ref, pipe, {"kind": "preset", "preset": ref, "seed": seed})
     path = Path(ref).expanduser()
     if path.exists() or ref.startswith((".", "/", "~")) or not looks_like_hub_id(ref):
-        return _load_folder(path, allow_pickle, empty, components)
+        return _load_folder(path, allow_pickle, empty, components, hashes)
     return _load_hub(ref, allow_pickle, revision)
 
 
@@ -124,7 +126,8 @@ def _check_safetensors(path: Path) -> None:
         raise SourceError(f"corrupt safetensors file {path}: {exc}", "re-download the weights") from None
 
 
-def _load_folder(path: Path, allow_pickle: bool, empty: bool = False, components: list[str] | None = None) -> Source:
+def _load_folder(path: Path, allow_pickle: bool, empty: bool = False, components: list[str] | None = None,
+                 hashes: HashCache | None = None) -> Source:
     from diffusers import DiffusionPipeline
 
     from exporters.streaming import empty_pipeline
@@ -142,7 +145,7 @@ def _load_folder(path: Path, allow_pickle: bool, empty: bool = False, components
         raise SourceError(f"cannot load the pipeline in {path}: {type(exc).__name__}: {_first_line(exc)}",
                           "check that every component folder is complete") from None
     info = {"kind": "folder", "path": str(path.resolve()), "class": index.get("_class_name"),
-            "weights_sha256": weights_digest(path)}
+            "weights_sha256": weights_digest(path, hashes)}
     return Source("folder", str(path), pipe, info, empty=empty)
 
 
@@ -167,15 +170,18 @@ def _load_hub(repo_id: str, allow_pickle: bool, revision: str | None) -> Source:
     return Source("hub", repo_id, pipe, {"kind": "hub", "repo_id": repo_id, "revision": revision})
 
 
-def weights_digest(path: Path) -> str:
-    """sha256 over the folder's weight files' names, sizes and header bytes (fast content key)."""
+def weights_digest(path: Path, hashes: HashCache | None = None) -> str:
+    """sha256 over every file of the folder (relative path and full sha256 of its bytes).
+
+    Weights, configs, tokenizer and scheduler files all shape the export. `hashes` remembers
+    each file's digest by path, size, mtime, ctime and inode, so a rerun re-reads nothing unchanged.
+    """
+    hashes = hashes or HashCache()
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")):
-        if f.is_file() and f.suffix in (".safetensors", ".json", *PICKLE_SUFFIXES):
-            h.update(str(f.relative_to(path)).encode())
-            h.update(str(f.stat().st_size).encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 16))
+        rel = f.relative_to(path)
+        if f.is_file() and not any(part.startswith(".") for part in rel.parts):
+            h.update(rel.as_posix().encode() + b"\0" + hashes.sha256(f).encode() + b"\n")
     return h.hexdigest()
 
 

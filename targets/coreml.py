@@ -84,11 +84,18 @@ class CoreMlTarget(Target):
     name = "coreml"
     precisions = ("fp16", "fp32")
     Config = CoreMlConfig
-    needs_source = True  # conversion starts from the torch.export program, so it needs the pipeline
+    tools = ("coremltools",)
+    named_options = ("compress",)
+    runs_on = ("macos-14",)
+    gitlab_tag = "saas-macos-medium-m1"
 
-    def output_dir(self, out: Path, config: TargetConfig) -> Path:
+    def needs_source(self, config: TargetConfig) -> bool:
+        return True  # conversion starts from the torch.export program, so it needs the pipeline
+
+    def base_label(self, config: TargetConfig) -> str:
+        """fp16, or fp16-palettize4 etc."""
         assert isinstance(config, CoreMlConfig)
-        return out / variant_name(config.precision, config.compress)
+        return variant_name(config.precision, config.compress).removeprefix("coreml-")
 
     def availability(self) -> Availability:
         try:
@@ -97,11 +104,7 @@ class CoreMlTarget(Target):
             return Availability(False, "coremltools is not installed", EXTRA)
         return Availability(True)
 
-    def variant_label(self, config: TargetConfig) -> str:
-        """fp16, or fp16-palettize4 etc.: how reports and the manifest name this variant."""
-        return variant_name(config.precision, config.compress).removeprefix("coreml-")
-
-    def tolerance_precision(self, config: TargetConfig) -> str:
+    def tolerance_row(self, config: TargetConfig) -> str:
         """The validation policy row for a variant: compressed weights get the int8/int4 tolerances."""
         return {"linear8": "int8", "palettize6": "int8", "palettize4": "int4"}.get(config.compress, config.precision)
 
@@ -149,7 +152,7 @@ class CoreMlTarget(Target):
             "tree": str(tree),
             "source": info.get("source", {}),
             "family": info.get("family"),
-            "dir": variant_name(config.precision, config.compress),
+            "dir": self.output_dir(Path("."), config).name,
             "components": components,
         }
 

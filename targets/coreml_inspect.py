@@ -94,6 +94,16 @@ def enumeration_problems(enumerated: list[str], io: dict[str, Any], deployment_t
     problems += [f"input {n} enumerates {len(v)} shape(s); Core ML needs at least two" for n, v in found.items()
                  if len(v) < 2]
     return problems
+def read_spec(package: Path):
+    """The model specification of an .mlpackage, read without coremltools' package class (which
+    rewrites Manifest.json on open: a check must not change the artifact it checks)."""
+    from coremltools.proto import Model_pb2
+
+    manifest = json.loads((package / "Manifest.json").read_text())
+    root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
+    pb = Model_pb2.Model()
+    pb.ParseFromString((package / "Data" / root["path"]).read_bytes())
+    return pb
 
 
 def inspect_package(path: Path, spec: ComponentSpec, *, precision: str, compress: str) -> dict[str, Any]:
@@ -102,7 +112,7 @@ def inspect_package(path: Path, spec: ComponentSpec, *, precision: str, compress
     from coremltools.proto import MIL_pb2
 
     problems: list[str] = []
-    pb = ct.utils.load_spec(str(path))
+    pb = read_spec(path) if path.is_dir() else ct.utils.load_spec(str(path))
     if pb.WhichOneof("Type") != "mlProgram":
         return {"ok": False, "problems": [f"{path.name} is not an ML program ({pb.WhichOneof('Type')})"]}
     meta = dict(pb.description.metadata.userDefined)

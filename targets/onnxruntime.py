@@ -35,7 +35,7 @@ from exporters.export import ONNX_DIR, REFERENCE_DIR
 from exporters.onnx_writer import ONNX_NAME
 from exporters.spec import ComponentSpec
 from exporters.tree import TREE_INFO, read_tree_info, write_tree_info
-from targets.base import Availability, BuildResult, Target, TargetConfig
+from targets.base import Availability, BuildResult, Inputs, Target, TargetConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +80,37 @@ class OnnxRuntimeTarget(Target):
     precisions = ("fp32", *[m for m in METHODS if m != "fp32"])
     Config = OrtConfig
 
-    def output_dir(self, out: Path, config: TargetConfig) -> Path:
-        return out / (ONNX_DIR if config.precision == "fp32" else f"{ONNX_DIR}-{self.variant_label(config)}")
+    tools = ("onnxruntime",)
+    named_options = ("structured",)
+    folder_prefixes = (ONNX_DIR,)
 
-    def variant_label(self, config: TargetConfig) -> str:
+    def options_of(self, config: TargetConfig) -> dict[str, Any]:
+        # fp32 is the exported tree itself: no option changes it.
+        return {} if config.precision == "fp32" else super().options_of(config)
+
+    def base_label(self, config: TargetConfig) -> str:
         structured = config.precision == "pruned" and getattr(config, "structured", False)
         return f"{config.precision}-structured" if structured else config.precision
 
-    def needs_source(self, config: TargetConfig) -> bool:
-        """True when a component's method compresses the torch model (diffprism.jobs reloads the pipeline)."""
+    def output_dir(self, out: Path, config: TargetConfig) -> Path:
+        return out / (ONNX_DIR if config.precision == "fp32" else f"{ONNX_DIR}-{self.variant_label(config)}")
+
+    def _methods(self, config: TargetConfig) -> set[str]:
         defaults = DEFAULT_POLICY.get(config.precision, {})
-        methods = set(getattr(config, "policy", {}).values()) | set(defaults.values())
-        return bool(methods & set(TORCH_METHODS))
+        return set(getattr(config, "policy", {}).values()) | set(defaults.values())
+
+    def needs_source(self, config: TargetConfig) -> bool:
+        """True when a component's method compresses the torch model (the caller passes the pipeline)."""
+        return bool(self._methods(config) & set(TORCH_METHODS))
+
+    def inputs(self, config: TargetConfig) -> Inputs:
+        assert isinstance(config, OrtConfig)
+        methods = self._methods(config)
+        if "int8" in methods and config.calibration == "capture":
+            return Inputs(calibration="required")  # static int8 calibrates on the captured feeds
+        if "int8" in methods or ("fp16" in methods and config.islands):
+            return Inputs(calibration="optional")  # the island search (or reference calibration) prefers a capture
+        return Inputs()
 
     def availability(self) -> Availability:
         try:

@@ -36,7 +36,7 @@ from exporters.files import staged_dir
 from exporters.onnx_writer import ONNX_NAME
 from exporters.spec import Axis, ComponentSpec, Dim
 from exporters.tree import TREE_INFO, read_geometry, read_tree_info, write_tree_info
-from targets.base import Availability, BuildResult, Target, TargetConfig
+from targets.base import Availability, BuildResult, Inputs, Target, TargetConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,12 @@ class OpenVinoTarget(Target):
     name = "openvino"
     precisions = ("fp32", "fp16", "int8", "int4")
     Config = OpenVinoConfig
+    tools = ("openvino", "nncf")
+
+    def inputs(self, config: TargetConfig) -> Inputs:
+        assert isinstance(config, OpenVinoConfig)
+        calibrated = config.precision == "int8" and bool(config.quantize_activations)
+        return Inputs(calibration="required" if calibrated else "none")
 
     def availability(self) -> Availability:
         missing = []
@@ -110,7 +116,7 @@ class OpenVinoTarget(Target):
         }
 
     # -- build ---------------------------------------------------------------------------
-    def build(self, plan: dict[str, Any], out: Path) -> BuildResult:
+    def build(self, plan: dict[str, Any], out: Path, source: Any = None) -> BuildResult:
         self.availability().require("OpenVINO target")
         import openvino as ov
 

@@ -23,7 +23,7 @@ from exporters.errors import SourceError
 from exporters.files import staged_dir, write_bytes_atomic, write_json_atomic
 from exporters.spec import ComponentSpec
 from exporters.tree import read_geometry, read_tree_info
-from targets.base import Availability, BuildResult, Target, TargetConfig
+from targets.base import Availability, BuildResult, Inputs, Target, TargetConfig
 from targets.tensorrt_job import build_script
 from targets.tensorrt_plan import (
     PLAN_FILE, PRECISIONS, SCRIPT_FILE, UNKNOWN, TensorRtConfig, cc_text, engine_dir_name, gpu_tag, make_plan, parse_gpu,
@@ -60,6 +60,24 @@ class TensorRtTarget(Target):
     name = "tensorrt"
     precisions = PRECISIONS
     Config = TensorRtConfig
+    tools = ("tensorrt", "polygraphy")
+    # The engine folder is named by precision, GPU and TensorRT version only (the golden build jobs and
+    # the GPU runners' paths rely on it): TensorRT variants that differ only in other options do not coexist yet.
+    named_options = tuple(TensorRtConfig.model_fields)
+    gpu = True
+
+    def inputs(self, config: TargetConfig) -> Inputs:
+        # int8 builds the ONNX Runtime int8 variant's Q/DQ graph (onnx-int8/) strongly typed.
+        return Inputs(variant=("onnxruntime", "int8", {})) if config.precision == "int8" else Inputs()
+
+    def runner_labels(self, matrix: dict[str, Any]) -> list[str]:
+        return ["self-hosted", "linux", "x64", "gpu", f"tensorrt-{matrix.get('tensorrt', '10')}"]
+
+    def gitlab_runner(self, matrix: dict[str, Any]) -> str:
+        return f"gpu-tensorrt-{matrix.get('tensorrt', '10')}"
+
+    def matrix_facts(self, matrix: dict[str, Any]) -> dict[str, Any]:
+        return {"tensorrt": matrix.get("tensorrt", "10")}
 
     def output_dir(self, out: Path, config: TargetConfig) -> Path:
         """The engine folder for this machine (or for the gpu/trt_version the config names)."""
@@ -88,12 +106,41 @@ class TensorRtTarget(Target):
         return make_plan(tree, specs, config, detected_cc=detect_cc(), detected_trt=detect_trt_version(),
                          geometry=read_geometry(tree))
 
-    def build(self, plan: dict[str, Any], out: Path) -> BuildResult:
+    def build(self, plan: dict[str, Any], out: Path, source: Any = None) -> BuildResult:
         final = out / plan["dir"]
         reason = self.cannot_build_here(plan)
         if reason:
             return self._write_job(plan, out, final, reason)
         return self._build_engines(plan, out, final)
+
+    def build_availability(self) -> Availability:
+        return Availability(True)  # without TensorRT and a GPU, build writes the build job for a GPU machine
+
+    def runner_availability(self) -> Availability:
+        here = self.availability()
+        return here if here.ok else Availability(False, f"TensorRT engines need an NVIDIA GPU with TensorRT ({here.reason})",
+                                                 here.fix)
+
+    def inspect(self, artifact_dir: Path, spec: ComponentSpec, config: TargetConfig) -> dict[str, Any]:
+        """What can be checked without a GPU: the plan names the component, its ONNX graph and the job exist."""
+        plan_path = artifact_dir / PLAN_FILE
+        if not plan_path.is_file():
+            raise SourceError(f"{artifact_dir} has no {PLAN_FILE}", "run 'diffprism compile DIR --target tensorrt' first")
+        plan = json.loads(plan_path.read_text())
+        component = plan["components"].get(spec.name)
+        problems = []
+        if component is None:
+            problems.append(f"the plan has no '{spec.name}'")
+        else:
+            if not (artifact_dir.parent / component["onnx"]).is_file():
+                problems.append(f"the plan's ONNX graph {component['onnx']} is missing")
+            if not component.get("profiles"):
+                problems.append("the plan has no optimization profile")
+        if not (artifact_dir / SCRIPT_FILE).is_file():
+            problems.append(f"{SCRIPT_FILE} is missing")
+        engine = artifact_dir / component["engine"] if component else None
+        return {"ok": not problems, "problems": problems, "profiles": len(component["profiles"]) if component else 0,
+                "engine_built": bool(engine and engine.is_file())}
 
     def cannot_build_here(self, plan: dict[str, Any]) -> str:
         """Why this machine cannot build the plan's engines ("" if it can): engines are per GPU and TensorRT."""
@@ -157,7 +204,7 @@ class TensorRtTarget(Target):
         return BuildResult(self.name, plan["precision"], final, files, details)
 
     # -- validation ---------------------------------------------------------------------------
-    def tolerance_precision(self, config: TargetConfig) -> str:
+    def tolerance_row(self, config: TargetConfig) -> str:
         """fp8 Q/DQ engines are judged like the other quantized variants."""
         return "int8" if config.precision == "fp8" else config.precision
 

@@ -24,8 +24,8 @@ from exporters.errors import SourceError, UsageError
 from exporters.files import staged_dir, write_json_atomic
 from exporters.onnx_writer import ONNX_NAME
 from exporters.spec import ComponentSpec
-from exporters.tree import read_tree_info
-from targets.base import Availability, BuildResult, Target, TargetConfig
+from exporters.tree import read_geometry, read_tree_info
+from targets.base import Availability, BuildResult, Inputs, Target, TargetConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class WebTarget(Target):
     name = "web"
     precisions = tuple(POLICY)
     Config = WebConfig
+    tools = ("onnx", "onnxruntime")
+    runs_as_pipeline = True
 
     def availability(self) -> Availability:
         if shutil.which("npm") is None:
@@ -96,7 +98,12 @@ class WebTarget(Target):
         return {"target": self.name, "precision": config.precision, "tree": str(tree), "options": config.model_dump(),
                 "components": components}
 
-    def build(self, plan: dict[str, Any], out: Path) -> BuildResult:
+    def inputs(self, config: TargetConfig) -> Inputs:
+        assert isinstance(config, WebConfig)
+        # fp16's island search (shared with ONNX Runtime) prefers a calibration capture when one exists.
+        return Inputs(calibration="optional") if config.precision == "fp16" and config.islands else Inputs()
+
+    def build(self, plan: dict[str, Any], out: Path, source: Any = None) -> BuildResult:
         from exporters.precision import graph
         from targets import web_runtime
         from targets.onnxruntime import OrtConfig, build_component
@@ -152,19 +159,19 @@ class WebTarget(Target):
 
 
 def page_geometry(tree: Path, specs: dict[str, ComponentSpec]) -> dict[str, Any]:
-    """What the page's loop needs about shapes and the VAE, from the specs and the VAE config."""
-    unet, vae, text = specs["unet"], specs["vae_decoder"], specs["text_encoder"]
-    scale = vae.outputs[0].axes[2].scale
-    vae_config = json.loads((tree / "vae_decoder" / "config.json").read_text())
+    """What the page's loop needs: the pipeline's geometry (from the tree info) and the exported ranges."""
+    geometry = read_geometry(tree)
+    unet, text = specs["unet"], specs["text_encoder"]
+    scale = geometry.vae_scale_factor
     return {
         "vae_scale": scale,
-        "latent_channels": unet.inputs[0].axes[1],
-        "latent_multiple": unet.dim("height").multiple_of * scale,
+        "latent_channels": geometry.latent_channels,
+        "latent_multiple": geometry.pixel_multiple,
         "default_height": unet.dim("height").opt * scale,
         "default_width": unet.dim("width").opt * scale,
         "max_sequence": text.dim("sequence").max,
-        "scaling_factor": vae_config.get("scaling_factor", 0.18215),
-        "shift_factor": vae_config.get("shift_factor") or 0.0,
+        "scaling_factor": geometry.scaling_factor,
+        "shift_factor": geometry.shift_factor or 0.0,
     }
 
 

@@ -18,6 +18,7 @@ from exporters.errors import DiffprismError, UsageError
 from exporters.geometry import Geometry
 from runtimes.pipeline import Generation, Request, generate, initial_latents
 from validation.metrics import rel_l2
+from validation.policy import IMAGE, ImageTolerance, loosest  # noqa: F401  (loosest: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -28,44 +29,8 @@ PROMPTS = (
 )
 
 
-@dataclass(frozen=True)
-class ImageTolerance:
-    latent_rel_l2: float  # upper bound
-    psnr: float  # lower bound, dB, on images in [0, 1]
-    ssim: float  # lower bound
-
-    def violations(self, metrics: dict[str, float]) -> list[str]:
-        bad = []
-        if not metrics["latent_rel_l2"] <= self.latent_rel_l2:
-            bad.append(f"latent rel_l2 {metrics['latent_rel_l2']:.3g} > {self.latent_rel_l2:.3g}")
-        if not metrics["psnr"] >= self.psnr:
-            bad.append(f"PSNR {metrics['psnr']:.1f} dB < {self.psnr:.1f}")
-        if not metrics["ssim"] >= self.ssim:
-            bad.append(f"SSIM {metrics['ssim']:.4f} < {self.ssim}")
-        return bad
-
-    def to_json(self) -> dict[str, float]:
-        return {"latent_rel_l2": self.latent_rel_l2, "psnr": self.psnr, "ssim": self.ssim}
-
-
-# Errors compound over the denoising loop, so these are looser than the per-component bounds.
-# fp32: kernel differences only. fp16/bf16: visually identical. Quantized: same composition.
-TOLERANCES: dict[str, ImageTolerance] = {
-    "fp32": ImageTolerance(latent_rel_l2=1e-3, psnr=45.0, ssim=0.995),
-    "fp16": ImageTolerance(latent_rel_l2=5e-2, psnr=30.0, ssim=0.95),
-    "bf16": ImageTolerance(latent_rel_l2=1e-1, psnr=25.0, ssim=0.90),
-    "int8": ImageTolerance(latent_rel_l2=0.35, psnr=18.0, ssim=0.60),
-    "int4": ImageTolerance(latent_rel_l2=0.5, psnr=15.0, ssim=0.45),
-}
-_ORDER = tuple(TOLERANCES)
-
-
-def loosest(precisions: Sequence[str]) -> str:
-    """The precision whose bounds judge a mix (an int8 UNet with an fp32 VAE is judged as int8)."""
-    unknown = [p for p in precisions if p not in TOLERANCES]
-    if unknown:
-        raise UsageError(f"no image tolerance for precision(s) {unknown}", f"known: {', '.join(TOLERANCES)}")
-    return max(precisions, key=_ORDER.index) if precisions else "fp32"
+# Image bounds are rows of the one tolerance table (validation.policy).
+TOLERANCES = IMAGE
 
 
 def image_metrics(reference: Generation, candidate: Generation) -> dict[str, float]:

@@ -130,13 +130,24 @@ def _img(out: Path, rel: str, alt: str) -> str:
 # --- sections -----------------------------------------------------------------------------
 
 
+def structural_text(result: dict[str, Any]) -> str:
+    """How a structural verdict reads everywhere: checked as far as this machine can, never passed or failed."""
+    reason = str(result.get("numerics_skipped") or "")
+    need = reason[reason.find("need"):].split(" (")[0] if "need" in reason else "numerics did not run here"
+    return f"structural ({'numerics ' + need if need.startswith('need') else need})"
+
+
 def _summary(manifest: dict[str, Any], validation: dict[str, Any]) -> str:
-    verdicts = []
+    verdicts, structural = [], []
     for key, r in sorted((validation.get("results") or {}).items()):
-        verdicts.append((f"{key} components", r.get("passed")))
+        if r.get("status") == "structural" and r.get("structure_ok"):
+            structural.append((f"{key}: {structural_text(r)}"))  # a third verdict: not passed, not failed
+        else:
+            verdicts.append((f"{key} components", bool(r.get("passed"))))
     for key, r in sorted(((validation.get("e2e") or {}).get("results") or {}).items()):
         verdicts.append((f"{key} images", r.get("passed")))
-    chips = "".join(_badge(ok, f"{'✔' if ok else '✘'} {label}") for label, ok in verdicts) or \
+    chips = "".join(_badge(ok, f"{'✔' if ok else '✘'} {label}") for label, ok in verdicts) + \
+        "".join(f'<span class="badge structural">◐ {_e(text)}</span>' for text in structural) or \
         '<span class="badge muted">nothing validated yet</span>'
     overall = all(ok for _, ok in verdicts) if verdicts else None
     source = manifest.get("source") or {}
@@ -147,6 +158,11 @@ def _summary(manifest: dict[str, Any], validation: dict[str, Any]) -> str:
     facts_html = "".join(f"<div><span>{_e(k)}</span><b>{_e(v)}</b></div>" for k, v in facts)
     verdict = {True: "PASSED", False: "FAILED", None: "NOT VALIDATED"}[overall]
     cls = {True: "pass", False: "fail", None: "muted"}[overall]
+    if structural and overall is not False:
+        # Numerics that could not run here are neither a pass nor a failure: say which and why.
+        what = "STRUCTURAL " + structural[0].split(": ", 1)[1].removeprefix("structural ")
+        verdict = f"PASSED + {what}" if overall else what
+        cls = "structural"
     return (f'<header><div class="title"><h1>diffprism report</h1><span class="verdict {cls}">{verdict}</span></div>'
             f'<div class="facts">{facts_html}</div><div class="chips">{chips}</div></header>')
 
@@ -218,6 +234,14 @@ def _components(validation: dict[str, Any]) -> str:
                          _num(worst_abs, ".2e"), _e(", ".join(f"{k} {v}" for k, v in tol.items())),
                          _badge(passed == len(comps)) + (f'<div class="why">{_e("; ".join(problems[:3]))}</div>'
                                                          if problems else "")])
+        if r.get("status") == "structural":
+            for component, facts in (r.get("structure") or {}).items():
+                ok = bool(facts.get("ok"))
+                badge = (f'<span class="badge structural">{_e(structural_text(r))}</span>' if ok
+                         else _badge(False, "structure FAILED"))
+                rows.append([f"<b>{_e(component)}</b>", _e(key), "structural", "not run", "–", "–", "–", "–",
+                             badge + (f'<div class="why">{_e("; ".join(facts.get("problems") or []))}</div>'
+                                      if facts.get("problems") else "")])
     table = _table(["component", "variant", "status", "points passed", "worst rel L2", "worst cosine",
                     "worst max abs", "tolerance", "verdict"], rows)
     return _card("Per-component comparison with PyTorch", table)
@@ -379,12 +403,12 @@ h3{margin:18px 0 8px;font-size:15px;font-weight:600;color:#334e68}
 .chips{display:flex;flex-wrap:wrap;gap:6px}
 .verdict{padding:3px 12px;border-radius:999px;font-weight:700;font-size:13px;letter-spacing:.04em}
 .verdict.pass{background:#2f9e44;color:#fff}.verdict.fail{background:#e03131;color:#fff}
-.verdict.muted{background:#627d98;color:#fff}
+.verdict.muted{background:#627d98;color:#fff}.verdict.structural{background:#f08c00;color:#fff}
 .card{background:#fff;border-radius:10px;padding:20px 24px;margin-bottom:20px;
 box-shadow:0 1px 3px rgba(16,42,67,.08),0 1px 2px rgba(16,42,67,.06);overflow-x:auto}
 .badge{display:inline-block;padding:1px 8px;border-radius:999px;font-size:12px;font-weight:600;white-space:nowrap}
 .badge.pass{background:#d3f9d8;color:#2b8a3e}.badge.fail{background:#ffe3e3;color:#c92a2a}
-.badge.muted{background:#e4e7eb;color:#52606d}
+.badge.muted{background:#e4e7eb;color:#52606d}.badge.structural{background:#fff3bf;color:#e67700}
 table{border-collapse:collapse;width:100%;margin:6px 0 10px;font-variant-numeric:tabular-nums}
 th{text-align:left;font-weight:600;color:#486581;border-bottom:2px solid #d9e2ec;padding:7px 10px;
 font-size:12px;text-transform:uppercase;letter-spacing:.04em;white-space:nowrap}

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, ui) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1", f"pass e.g. --{flag} 2")
     if args.warmup < 0 or args.image_runs < 0:
         raise UsageError("--warmup and --image-runs cannot be negative", "pass 0 or more")
-    variants = [Placement.parse(t) for t in args.target] if args.target else built_variants(args.dir)
+    variants = [Placement.parse(t, args.dir) for t in args.target] if args.target else built_variants(args.dir)
     size = parse_size(args.size, args.dir)
     with folder_lock(args.dir), ui.progress("bench") as update:
         result = bench_job(args.dir, variants, size=size, steps=args.steps, batch=args.batch, warmup=args.warmup,

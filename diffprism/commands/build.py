@@ -35,7 +35,8 @@ def run(args: argparse.Namespace, ui) -> int:
         report = run_build(recipe, out, only=args.only, store_url=args.store, merge=args.merge,
                            export_only=args.export_only, progress=update)
     ui.table(f"build {ui.literal(out)}", ["stage", "action", "key"], [[s.name, s.action, s.key[:12]] for s in report.stages])
-    rows = [[k, "[green]pass[/]" if v["passed"] else "[red]FAIL[/]", f"{v['comparisons'] - v['failed']}/{v['comparisons']}"]
+    shown = {"passed": "[green]pass[/]", "failed": "[red]FAIL[/]", "structural": "[yellow]structural[/] (numerics not run here)"}
+    rows = [[k, shown.get(v["status"], v["status"]), f"{v['comparisons'] - v['failed']}/{v['comparisons']}"]
             for k, v in report.verdicts.items()]
     if rows:
         ui.table("validation", ["variant", "verdict", "within tolerance"], rows)

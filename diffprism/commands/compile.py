@@ -14,16 +14,13 @@ def register(sub) -> None:
     p.add_argument("--target", required=True, help="onnxruntime, openvino, tensorrt, coreml or web")
     p.add_argument("--precision", default=None, help="precision variant (target default if omitted)")
     add_components(p)
-    p.add_argument("--option", action="append", help="target option KEY=VALUE (repeatable); see README")
-    p.add_argument("--compress", choices=("none", "linear8", "palettize4", "palettize6"),
-                   help="Core ML weight compression (same as --option compress=...)")
+    p.add_argument("--option", action="append", help="target option KEY=VALUE (repeatable), e.g. "
+                   "compress=palettize4 for Core ML; see README")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, ui) -> int:
     options = parse_options(args.option)
-    if args.compress:
-        options["compress"] = args.compress
     with folder_lock(args.dir), ui.progress(f"compile {args.target}") as update:
         result = compile_job(args.dir, target=args.target, precision=args.precision,
                              components=args.components, options=options, progress=update)

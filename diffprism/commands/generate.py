@@ -36,7 +36,7 @@ def run(args: argparse.Namespace, ui) -> int:
 
     if args.steps < 1:
         raise UsageError(f"--steps {args.steps} must be at least 1", "pass e.g. --steps 20")
-    default = Placement.parse(f"{args.target}:{args.precision}")
+    default = Placement.parse(f"{args.target}:{args.precision}" if args.precision else args.target, args.dir)
     height, width = parse_size(args.size, args.dir)
     request = Request(args.prompt, args.negative_prompt, args.seed, args.steps, height, width, args.guidance_scale)
     with folder_lock(args.dir), ui.progress("generate") as update:

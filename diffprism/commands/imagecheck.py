@@ -28,9 +28,12 @@ def e2e_requests(args: argparse.Namespace) -> list:
 
 def run_e2e(args: argparse.Namespace, progress, runner_options) -> list:
     from diffprism.e2e_jobs import e2e_job
-    from diffprism.placement import Placement, resolve
+    from diffprism.jobs import split_options
+    from diffprism.placement import resolve
+    from diffprism.variant import Variant
 
-    variant = resolve(args.dir, Placement.parse(f"{args.target}:{args.precision}"), {})
+    chosen, runner_options = split_options(args.target, runner_options)  # target options pick the variant
+    variant = resolve(args.dir, Variant.of(args.target, args.precision, chosen), {})
     return e2e_job(args.dir, [variant], e2e_requests(args), runner_options=runner_options, progress=progress)
 
 

@@ -61,10 +61,10 @@ def test_changing_one_precision_changes_only_that_builds_keys(recipe_text):
     a, b = parse(two), parse(two.replace('precision = "fp32"\n', 'precision = "fp16"\n', 2)
                              .replace('target = "onnxruntime"\nprecision = "fp16"', 'target = "onnxruntime"\nprecision = "fp32"'))
     ka, kb = Keys(a), Keys(b)
-    assert [x.id for x in b.build] == ["onnxruntime:fp32", "openvino:fp16"]
+    assert [x.variant.id for x in b.build] == ["onnxruntime:fp32", "openvino:fp16"]
     assert ka.export == kb.export
-    assert ka.compile(a.build[0]) == kb.compile(b.build[0]) and ka.validate(a.build[0]) == kb.validate(b.build[0])
-    assert ka.compile(a.build[1]) != kb.compile(b.build[1])
+    assert ka.compile(a.build[0].variant) == kb.compile(b.build[0].variant) and ka.validate(a.build[0].variant) == kb.validate(b.build[0].variant)
+    assert ka.compile(a.build[1].variant) != kb.compile(b.build[1].variant)
     # Keys follow content: a different seed is a different export.
     assert Keys(parse(recipe_text.replace('preset = "tiny-sd"', 'preset = "tiny-sd"\nseed = 1'))).export != ka.export
 

@@ -23,7 +23,7 @@ def test_example_recipe_parses():
     from pathlib import Path
 
     recipe = load(Path(__file__).parents[2] / "examples" / "tiny-sd.toml")
-    ids = [b.id for b in recipe.build]
+    ids = [b.variant.id for b in recipe.build]
     assert "onnxruntime:fp32" in ids and any(i.startswith("openvino:") for i in ids)
     assert recipe.source.preset == "tiny-sd"
 
@@ -48,7 +48,7 @@ cosine = 0.9
 [publish]
 url = "memory://releases/x"
 """)
-    assert [b.id for b in recipe.build] == ["onnxruntime:fp32", "openvino:int8"]
+    assert [b.variant.id for b in recipe.build] == ["onnxruntime:fp32", "openvino:int8"]
     assert recipe.shapes.request().batch == (1, 2, 4)
     assert recipe.validation.policy().tolerance("int8", "unet").cosine == 0.9
     assert recipe.validation.policy().tolerance("int8", "vae_decoder").cosine == 0.98  # default kept
@@ -93,7 +93,7 @@ def test_key_lines_handles_arrays_of_tables_and_multiline_values():
 
 def test_only_selects_and_rejects():
     recipe = parse(BASE + '[[build]]\ntarget = "openvino"\nprecision = "fp16"\n')
-    assert [b.id for b in recipe.select(["openvino:fp16"])] == ["openvino:fp16"]
+    assert [b.variant.id for b in recipe.select(["openvino:fp16"])] == ["openvino:fp16"]
     with pytest.raises(Exception, match="--only tensorrt:fp16 is not a build"):
         recipe.select(["tensorrt:fp16"])
     with pytest.raises(RecipeError, match="listed twice"):

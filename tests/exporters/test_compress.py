@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,7 +25,7 @@ from exporters.errors import EXIT_OK, EXIT_USAGE, UsageError
 from exporters.tree import read_tree_info
 
 STEPS = "distill_steps=6"
-VARIANTS = {  # dir -> compile options
+VARIANTS = {  # name -> compile options (options beyond the defaults add a digest to the folder: see DIRS)
     "onnx-pruned": ["--precision", "pruned", "--option", "sparsity=0.5", "--option", "structured=false",
                     "--option", STEPS, "--option", "distill_lr=1e-3"],
     # QAT starts close to the teacher (only rounding noise): small, careful steps.
@@ -50,20 +51,26 @@ def built(exported, pipeline, tmp_path_factory):
     out = tmp_path_factory.mktemp("compress") / "sd"
     shutil.copytree(exported("tiny-sd"), out)
     calibrate_job(out, prompts=["a red cube", "a blue ball"], steps=4)  # recorded in the manifest
-    codes = {name: _cli("compile", str(out), "--target", "onnxruntime", *argv)[0] for name, argv in VARIANTS.items()}
-    return out, codes
+    docs = {name: _cli("compile", str(out), "--target", "onnxruntime", *argv) for name, argv in VARIANTS.items()}
+    DIRS.update({name: Path(doc["dir"]).name for name, (_, doc) in docs.items()})
+    return out, {name: code for name, (code, _) in docs.items()}
+
+
+DIRS: dict[str, str] = {}  # name -> the variant's folder, from the compile output
 
 
 def _unet(out, tree):
-    return read_tree_info(out / tree)[0]["variant"]["unet"]
+    return read_tree_info(out / DIRS[tree])[0]["variant"]["unet"]
 
 
 def test_cli_builds_every_variant(built):
     out, codes = built
     assert codes == {name: EXIT_OK for name in VARIANTS}
     targets = manifest.load(out)["targets"]
-    assert {"onnxruntime-pruned", "onnxruntime-qat", "onnxruntime-pruned-structured"} <= set(targets)
-    for tree in VARIANTS:
+    assert {f"onnxruntime-{DIRS[n].removeprefix('onnx-')}" for n in VARIANTS} <= set(targets)
+    assert DIRS["onnx-pruned-structured"].startswith("onnx-pruned-structured-")  # named option, then the digest
+    for name in VARIANTS:
+        tree = DIRS[name]
         info, specs = read_tree_info(out / tree)
         for item in (out / "onnx").iterdir():
             assert (out / tree / item.name).exists(), (tree, item.name)
@@ -75,7 +82,7 @@ def test_unstructured_pruning_reaches_sparsity(built):
     facts = _unet(out, "onnx-pruned")
     assert facts["weights"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     # Measured again on the exported weights: Conv/MatMul/Gemm initializers of rank >= 2.
-    model = onnx.load(str(out / "onnx-pruned" / "unet" / "model.onnx"))
+    model = onnx.load(str(out / DIRS["onnx-pruned"] / "unet" / "model.onnx"))
     weights = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) >= 2]
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert zeros >= 0.45 * facts["weights"]["prunable_weights"]
@@ -107,7 +114,7 @@ def test_structured_model_is_smaller_and_runs(built, pipeline):
     assert facts["parameters_after"] < 0.9 * facts["parameters_before"]
     assert facts["structured"]["resnet_blocks"] > 0 and facts["structured"]["feed_forwards"] > 0
     assert facts["structured"]["attention_blocks"] > 0
-    tree = out / "onnx-pruned-structured" / "unet"
+    tree = out / DIRS["onnx-pruned-structured"] / "unet"
     assert (tree / "model.onnx_data").stat().st_size < (out / "onnx" / "unet" / "model.onnx_data").stat().st_size
     session = ort.InferenceSession(str(tree / "model.onnx"), providers=["CPUExecutionProvider"])
     feed = calibration.load_feeds(out / "calibration", "unet")[0]
@@ -119,7 +126,7 @@ def test_structured_model_is_smaller_and_runs(built, pipeline):
 def test_qat_exports_qdq_that_runs(built):
     out, _ = built
     facts = _unet(out, "onnx-qat")
-    ops = [n.op_type for n in onnx.load(str(out / "onnx-qat" / "unet" / "model.onnx"),
+    ops = [n.op_type for n in onnx.load(str(out / DIRS["onnx-qat"] / "unet" / "model.onnx"),
                                         load_external_data=False).graph.node]
     # One DequantizeLinear per int8 weight, plus activation Q/DQ pairs (layers reading one tensor with
     # one range share theirs).
@@ -128,7 +135,7 @@ def test_qat_exports_qdq_that_runs(built):
     assert facts["qdq"]["QuantizeLinear"] == ops.count("QuantizeLinear")
     # Weights are int8 initializers with constant scales (what TensorRT requires), not fp32 weights
     # quantized at run time: every weight-layer input comes from a DequantizeLinear of an int8 constant.
-    model = onnx.load(str(out / "onnx-qat" / "unet" / "model.onnx"))
+    model = onnx.load(str(out / DIRS["onnx-qat"] / "unet" / "model.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
     weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     assert len(weight_dq) == facts["int8_weights"] == facts["fake_quantized_layers"]
@@ -138,13 +145,15 @@ def test_qat_exports_qdq_that_runs(built):
     assert facts["export_rel_l2"] < 0.05  # ORT's int8 kernels vs torch's fake quant: rounding differences only
 
 
-@pytest.mark.parametrize("precision,extra", [("pruned", []), ("qat", []), ("pruned", ["--option", "structured=true"])])
-def test_cli_validate_passes(built, precision, extra):
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_cli_validate_passes(built, name):
     out, _ = built
-    code, report = _cli("validate", str(out), "--target", "onnxruntime", "--precision", precision, *extra)
+    # The options pick the variant; --e2e also judges its images against PyTorch's (pruned and qat rows).
+    code, report = _cli("validate", str(out), "--target", "onnxruntime", *VARIANTS[name], "--e2e", "--e2e-steps", "2",
+                        "--e2e-prompt", "a red cube")
     assert code == EXIT_OK, report
-    label = f"onnxruntime-{precision}" + ("-structured" if extra else "")
-    assert manifest.load(out)["validation"][label]["passed"]
+    assert report["e2e"][0]["passed"] and report["e2e"][0]["precision"] == VARIANTS[name][1]
+    assert manifest.load(out)["validation"][f"onnxruntime-{DIRS[name].removeprefix('onnx-')}"]["passed"]
 
 
 def test_bad_sparsity_is_a_usage_error(built):

@@ -326,7 +326,7 @@ def test_no_apple_swift_layout_is_claimed(built):
 def test_cli_compile_and_structural_validate(copy_export, capsys):
     out = copy_export("tiny-sd")
     assert main(["--json", "compile", str(out), "--target", "coreml", "--precision", "fp16",
-                 "--compress", "palettize4", "--components", "text_encoder"]) == 0
+                 "--option", "compress=palettize4", "--components", "text_encoder"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] and doc["dir"].endswith("coreml-fp16-palettize4")
     assert doc["details"]["text_encoder"]["palettized_ops"] > 0

@@ -90,7 +90,24 @@ def test_plan_applies_policy_overrides(exported):
 
 
 def test_static_int8_without_capture_names_the_fix(copy_export):
+    # The target itself never guesses: without a capture its build names the fix (compile_job captures first).
     out = copy_export("tiny-sd")
+    tgt = get_target("onnxruntime")
+    _, specs = read_tree_info(out / "onnx")
+    config = tgt.config(precision="int8", components=["unet"])
+    assert tgt.inputs(config).calibration == "required"
+    plan = tgt.plan(out / "onnx", {"unet": specs["unet"]}, config)
     with pytest.raises(SourceError, match="diffprism calibrate"):
-        compile_job(out, target="onnxruntime", precision="int8", components=["unet"])
+        tgt.build(plan, out)
     assert not (out / "onnx-int8").exists()  # nothing half-written left looking finished
+
+
+def test_int8_dynamic_passes_the_image_check(built, capsys):
+    from diffprism.cli import main
+
+    out, _ = built
+    code = main(["--json", "validate", str(out), "--target", "onnxruntime", "--precision", "int8-dynamic", "--e2e",
+                 "--e2e-steps", "2", "--e2e-prompt", "a red cube"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0, doc
+    assert doc["e2e"][0]["passed"] and doc["e2e"][0]["precision"] == "int8-dynamic"

@@ -94,13 +94,21 @@ def test_availability_and_registry():
     assert isinstance(target, OpenVinoTarget) and target.availability().ok
 
 
-def test_int8_without_calibration_says_what_to_run(copy_export):
+def test_int8_without_calibration_captures_it_first(copy_export, caplog):
+    import logging
+
+    from diffprism import manifest
     from diffprism.jobs import compile_job
 
     out = copy_export("tiny-sd")
-    with pytest.raises(UsageError, match="diffprism calibrate"):
-        compile_job(out, target="openvino", precision="int8", components=["unet"])
-    assert not (out / "openvino-int8").exists()
+    assert not (out / "calibration").exists()
+    with caplog.at_level(logging.WARNING, logger="diffprism.jobs"):
+        result = compile_job(out, target="openvino", precision="int8", components=["unet"])
+    assert "running 'diffprism calibrate' with its defaults" in caplog.text  # and says so
+    assert (out / "calibration" / "info.json").is_file()
+    assert result.details["unet"]["fake_quantize"] > 0  # calibrated activations
+    data = manifest.load(out)
+    assert data["stages"]["calibrate"]["steps"] == 4 and "openvino-int8" in data["targets"]
 
 
 # --- builds of tiny-sd -------------------------------------------------------------------------
@@ -215,10 +223,13 @@ def test_static_int8_build_via_cli(sd, capfd):
     assert code == 0
     doc = json.loads(out)  # NNCF's progress output must not leak into the JSON document
     assert doc["details"]["unet"]["fake_quantize"] > 0
-    model = _ir(sd / "openvino-int8", "unet")
+    folder = Path(doc["dir"])
+    assert folder.name.startswith("openvino-int8-")  # beside the default int8 variant, named by its options digest
+    model = _ir(folder, "unet")
     assert all(p.get_partial_shape().is_static for p in model.inputs)
     assert list(model.input("sample").get_shape()) == [2, 4, 32, 32]  # one image: 2 latents under guidance
-    code = main(["--json", "validate", str(sd), "--target", "openvino", "--precision", "int8", "--components", "unet"])
+    code = main(["--json", "validate", str(sd), "--target", "openvino", "--precision", "int8", "--components", "unet",
+                 "--option", "static=64x64", "--option", "batch=1", "--option", "int8_scheme=full"])
     doc = json.loads(capfd.readouterr().out)
     assert code == 0 and doc["passed"]
     assert [c["point"] for c in doc["comparisons"]] == ["opt"]  # the one reference case of that fixed size
