@@ -274,8 +274,10 @@ def test_tensorrt_11_fp16_refuses_a_variant_that_is_not_fp16(copy_export):
     from diffprism.jobs import compile_job
 
     out = copy_export("tiny-sd")
-    compile_job(out, target="onnxruntime", precision="fp16", components=["text_encoder", "unet"],
-                options={"policy": {"unet": "int8-dynamic"}})
+    result = compile_job(out, target="onnxruntime", precision="fp16", components=["text_encoder", "unet"],
+                         options={"policy": {"unet": "int8-dynamic"}})
+    # That variant has its own folder (options digest); put it where TensorRT 11 reads the fp16 graphs.
+    result.out_dir.rename(out / "onnx-fp16")
     with pytest.raises(SourceError, match="needs fp16 graphs") as err:
         _plan(out, components=["text_encoder", "unet"], precision="fp16", trt_version="11.0.0")
     assert "'unet': 'int8-dynamic'" in str(err.value)
