@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffprism.placement import Placement, Runners, resolve  # noqa: E402
 from diffprism.shapes import check, scenes  # noqa: E402
+from exporters.export import ONNX_DIR  # noqa: E402
+from exporters.tree import read_geometry  # noqa: E402
 from runtimes.pipeline import close, to_uint8  # noqa: E402
 from validation.e2e import image_metrics  # noqa: E402
 
@@ -63,7 +65,7 @@ def main() -> int:
         default = Placement.parse(text)
         pipe = runners.pipeline(resolve(args.out, default, {}), default)
         try:
-            matches, gens = check.generate_matches(pipe, prompts, **kw)
+            matches, gens = check.generate_matches(pipe, prompts, geometry=read_geometry(args.out / ONNX_DIR), **kw)
         finally:
             close(pipe)
         metrics = [image_metrics(r, g) for r, g in zip(ref, gens)]

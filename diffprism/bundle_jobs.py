@@ -15,7 +15,9 @@ from diffprism.e2e_jobs import IMAGES, _save_png, _slug, record_e2e, reference_g
 from diffprism.jobs import REPORT_DIR
 from diffprism.placement import TORCH, Placement, Runners, resolve
 from exporters.errors import SourceError, UsageError
+from exporters.export import ONNX_DIR
 from exporters.files import write_bytes_atomic
+from exporters.tree import read_geometry
 from runtimes.browser import BrowserError
 from runtimes.pipeline import Generation, Request, initial_latents
 from targets.base import get_target
@@ -45,7 +47,7 @@ def pipeline_e2e_job(out: Path, *, target: str, precision: str, requests: Sequen
     runners = Runners(out)
     reference = reference_generations(out, runners, requests, progress)
     ref_images = [_save_png(out, f"{REPORT_DIR}/{IMAGES}/{TORCH}/{i}.png", g) for i, g in enumerate(reference)]
-    source = runners.source_pipeline()
+    geometry = read_geometry(out / ONNX_DIR)
     placement = Placement(target, precision)
     label = placement.label
     result = E2EResult(label, precision, {n: label for n in resolve(out, placement, {})}, TOLERANCES[precision])
@@ -58,7 +60,7 @@ def pipeline_e2e_job(out: Path, *, target: str, precision: str, requests: Sequen
             for i, (request, ref) in enumerate(zip(requests, reference)):
                 if progress:
                     progress(f"{label} prompt {i + 1}/{len(requests)}")
-                result.checks.append(_check(out, label, i, pipe, request, ref, initial_latents(source, request), result))
+                result.checks.append(_check(out, label, i, pipe, request, ref, initial_latents(geometry, request), result))
     except BrowserError as exc:  # the page failed (e.g. weights that do not load): a failed result, recorded
         result.error = str(exc)
         log.warning("%s failed: %s", label, exc)

@@ -87,10 +87,17 @@ def rates(matches: list[Match]) -> dict[str, float]:
 
 
 def generate_matches(pipe, prompts: list[str], *, steps: int = 20, seed: int = 0, guidance_scale: float = 7.5,
-                     size: int = 32) -> tuple[list[Match], list]:
+                     size: int = 32, geometry=None) -> tuple[list[Match], list]:
     """One image per prompt (seed + i for prompt i) with any pipeline runtimes.pipeline drives, PyTorch
-    or runner-backed; returns (matches, generations)."""
-    from runtimes.pipeline import Request, generate
+    or runner-backed; returns (matches, generations). `geometry` (exporters.geometry) sizes the initial
+    latents: pass the tree's for a runner-backed pipeline; a PyTorch pipeline's is computed from it."""
+    from exporters.families import family_of
+    from exporters.geometry import compute
+    from runtimes.pipeline import Request, generate, initial_latents
 
-    gens = [generate(pipe, Request(p, None, seed + i, steps, size, size, guidance_scale)) for i, p in enumerate(prompts)]
+    geometry = geometry or compute(pipe, family_of(type(pipe).__name__))
+    gens = []
+    for i, p in enumerate(prompts):
+        request = Request(p, None, seed + i, steps, size, size, guidance_scale)
+        gens.append(generate(pipe, request, initial_latents(geometry, request)))
     return [match(p, g.image) for p, g in zip(prompts, gens)], gens

@@ -16,13 +16,10 @@ import argparse
 import copy
 import json
 import logging
-import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

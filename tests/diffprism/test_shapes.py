@@ -63,6 +63,7 @@ def test_pytorch_draws_the_prompt(pipeline):
 
 
 def test_onnxruntime_draws_the_prompt(exported):
+    from exporters.tree import read_geometry
     from runtimes.onnxruntime_runner import OnnxRuntimeRunner
     from runtimes.pipeline import close, load_pipeline, runners
 
@@ -70,7 +71,7 @@ def test_onnxruntime_draws_the_prompt(exported):
     pipe = load_pipeline(tree, lambda name, spec: OnnxRuntimeRunner(spec, tree / name / "model.onnx"))
     try:
         assert {r.backend for r in runners(pipe).values()} == {"onnxruntime"}
-        matches, _ = check.generate_matches(pipe, list(PROMPTS), steps=STEPS)
+        matches, _ = check.generate_matches(pipe, list(PROMPTS), steps=STEPS, geometry=read_geometry(tree))
     finally:
         close(pipe)
     assert all(m.ok for m in matches), [(m.prompt, m.seen) for m in matches]
