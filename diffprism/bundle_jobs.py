@@ -56,7 +56,7 @@ def pipeline_e2e_job(out: Path, *, target: str, precision: str, requests: Sequen
     try:
         with tgt.pipeline_runner(artifacts, **dict(runner_options or {})) as pipe:
             result.runner = {"pipeline": pipe.describe()}
-            result.label = label = f"{label} ({result.runner['pipeline']['provider']})"  # e.g. web-fp32 (wasm)
+            result.label = label = f"{label}-{result.runner['pipeline']['provider']}"  # e.g. web-fp32-wasm
             for i, (request, ref) in enumerate(zip(requests, reference)):
                 if progress:
                     progress(f"{label} prompt {i + 1}/{len(requests)}")

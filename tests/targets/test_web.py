@@ -184,7 +184,7 @@ def test_browser_image_matches_pytorch_on_wasm(bundle_out):
 
     result = pipeline_e2e_job(bundle_out, target="web", precision="fp32", requests=_requests())
     assert result.error is None
-    assert result.runner["pipeline"]["provider"] == "wasm" and result.label == "web-fp32 (wasm)"
+    assert result.runner["pipeline"]["provider"] == "wasm" and result.label == "web-fp32-wasm"
     assert result.passed, result.checks[0].violations
     check = result.checks[0]
     assert check.metrics["latent_rel_l2"] < 1e-4 and check.metrics["psnr"] > 45  # fp32 bounds, with room
@@ -213,6 +213,7 @@ def test_browser_webgpu_when_chromium_exposes_it(bundle_out):
 def test_validate_cli_fails_a_bundle_with_broken_weights(bundle_out, tmp_path, capsys):
     from diffprism.cli import main
     from exporters.errors import EXIT_VALIDATION_FAILED
+    from exporters.files import sha256_file
 
     out = tmp_path / "broken"
     shutil.copytree(bundle_out, out)
@@ -220,6 +221,10 @@ def test_validate_cli_fails_a_bundle_with_broken_weights(bundle_out, tmp_path, c
     weights = np.fromfile(data, dtype=np.float32)
     np.random.default_rng(0).shuffle(weights)  # same size and dtype, wrong values: the page still loads it
     weights.tofile(data)
+    # As if the build had written these bytes: validate refuses a set changed behind its manifest.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"][data.relative_to(out).as_posix()] = {"sha256": sha256_file(data), "size": data.stat().st_size}
+    (out / "manifest.json").write_text(json.dumps(manifest))
     code = main(["--json", "validate", str(out), "--target", "web", "--e2e-steps", "2",
                  "--e2e-prompt", "a red cube on a blue table, studio light"])
     assert code == EXIT_VALIDATION_FAILED
