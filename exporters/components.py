@@ -73,11 +73,11 @@ class ComponentExporter(ABC):
     # Geometry facts a kind knows about its module (exporters.geometry asks by role).
     def text_facts(self, module: nn.Module, tokenizer: Any) -> tuple[int, int]:
         """(max sequence, vocab size) of a text encoder."""
-        raise NotImplementedError(f"{self.kind} is not a text encoder")
+        raise TypeError(f"{self.kind} is not a text encoder")
 
     def latent_facts(self, module: nn.Module) -> tuple[int, int]:
         """(latent multiple, default latent side) of a denoiser."""
-        raise NotImplementedError(f"{self.kind} is not a denoiser")
+        raise TypeError(f"{self.kind} is not a denoiser")
 
 
 # --- text encoders -----------------------------------------------------------------------
