@@ -20,9 +20,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from diffprism.manifest import IGNORED
+from diffprism.manifest import IGNORED, FileEntry
 from exporters.errors import IntegrityError, UsageError
 from exporters.files import STAGING, replace_dir, sha256_file
 from exporters.paths import check_relpath, printable
@@ -31,17 +31,11 @@ from exporters.paths import check_relpath, printable
 RESERVED = frozenset(IGNORED)
 
 
-class _Object(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
-
-
 class _Index(BaseModel):
     model_config = ConfigDict(extra="forbid")
     stage: str
     key: str
-    files: dict[str, _Object]
+    files: dict[str, FileEntry]  # an object: the same sha256 + size record as a manifest entry
     record: dict[str, Any]
 
 log = logging.getLogger(__name__)
