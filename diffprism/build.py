@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from diffprism import jobs, manifest, sources
+from diffprism import e2e_jobs, jobs, manifest, placement, sources
 from diffprism.jobs import REPORT_DIR
 from diffprism.lock import folder_lock
 from diffprism.recipe import Recipe
 from diffprism.store import Store
 from diffprism.variant import Variant, unique
-from exporters.errors import SourceError
+from exporters.errors import SourceError, UsageError
 from exporters.export import ONNX_DIR, REFERENCE_DIR
 from exporters.files import HashCache, clean_staging, write_json_atomic
 from targets.base import get_target
@@ -58,11 +58,14 @@ class BuildReport:
     out: Path
     stages: list[StageOutcome] = field(default_factory=list)
     verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant key -> image check (e2e_verdict)
 
     @property
     def passed(self) -> bool:
-        """Every verdict passed or is structural (checked as far as this machine can; never a failure)."""
-        return bool(self.verdicts) and all(v["status"] in ("passed", "structural") for v in self.verdicts.values())
+        """Every verdict passed or is structural (checked as far as this machine can; never a failure), and
+        every image check passed."""
+        return bool(self.verdicts) and all(v["status"] in ("passed", "structural") for v in self.verdicts.values()) \
+            and all(v["passed"] for v in self.images.values())
 
     def actions(self) -> dict[str, str]:
         return {s.name: s.action for s in self.stages}
@@ -108,32 +111,46 @@ def compile_order(variants: list[Variant]) -> list[Variant]:
     return unique(v for variant in variants for v in dependencies(variant))
 
 
-def calibration_needed(variants: list[Variant]) -> bool:
-    return any(get_target(v.target).inputs(v.config()).calibration == "required" for v in compile_order(variants))
+def calibration_needed(variants: list[Variant], reads: tuple[str, ...] = ("required",)) -> bool:
+    """Whether a variant (or one it reads) reads the calibration capture as `reads` says (required/optional)."""
+    return any(get_target(v.target).inputs(v.config()).calibration in reads for v in compile_order(variants))
 
 
 class Keys:
     """Stage keys of one recipe (pure: computable on any machine, no model loaded).
 
     Every input of a stage is in its key: the export's source bytes and settings, the calibration
-    a variant reads (required, or optional when this build captures one), the variant it reads
+    a variant reads (required: the calibration stage's key; optional: the content of the capture in
+    `out` when there is one, whoever made it, since the target then reads it), the variant it reads
     (by that variant's own key), the variant's options digest and its target's tool versions.
     """
 
-    def __init__(self, recipe: Recipe, hashes: HashCache | None = None):
-        self.recipe = recipe
+    def __init__(self, recipe: Recipe, hashes: HashCache | None = None, out: Path | None = None):
+        self.recipe, self.hashes, self.out = recipe, hashes, out
         self.export = _digest({"source": source_identity(recipe, hashes),
                                "export": recipe.digest("components", "shapes", "opset", "streaming", "reference_points"),
                                "tools": _tool_versions(EXPORT_TOOLS)})
         self.calibration = _digest({"export": self.export, "calibration": recipe.digest("calibration")})
-        self.calibrated = calibration_needed([b.variant for b in recipe.build])
+
+    def capture(self) -> str | None:
+        """sha256 over the files of the capture in <out>/calibration as it is now (None: there is none)."""
+        from exporters.calibration import CALIBRATION_DIR
+
+        folder = self.out / CALIBRATION_DIR if self.out is not None else None
+        if folder is None or not (folder / "info.json").is_file():
+            return None
+        hashes = self.hashes or HashCache()
+        return _digest({p.relative_to(folder).as_posix(): hashes.sha256(p)
+                        for p in sorted(folder.rglob("*")) if p.is_file()})
 
     def compile(self, variant: Variant) -> str:
         tgt = get_target(variant.target)
         inputs = tgt.inputs(variant.config())
         base: dict[str, Any] = {"export": self.export}
-        if inputs.calibration == "required" or (inputs.calibration == "optional" and self.calibrated):
+        if inputs.calibration == "required":
             base["calibration"] = self.calibration
+        elif inputs.calibration == "optional" and (capture := self.capture()) is not None:
+            base["capture"] = capture
         if inputs.variant is not None:
             base["variant"] = self.compile(Variant.of(*inputs.variant))
         return _digest({"base": base, "variant": [variant.target, variant.precision, variant.options],
@@ -144,6 +161,18 @@ class Keys:
         bounds = self.recipe.validation.tolerances.get(tolerance, {})
         return _digest({"compile": self.compile(variant), "row": repr(row(tolerance)),
                         "tolerances": {k: v.model_dump() for k, v in bounds.items()}})
+
+    def e2e(self, variant: Variant) -> str:
+        """The image check: the variant, its tolerance row, the prompts and steps (the size follows from the export)."""
+        return _digest({"compile": self.compile(variant), "row": repr(row(variant.tolerance_row)),
+                        "prompts": self.recipe.validation.prompts, "steps": self.recipe.validation.steps})
+
+
+def image_checked(variant: Variant) -> bool:
+    """Whether the build judges this variant's images here: it runs component by component on this machine
+    (a structural-only target has nothing to generate with; a whole-pipeline target is validated by its image)."""
+    tgt = get_target(variant.target)
+    return not tgt.runs_as_pipeline and tgt.runner_availability().ok
 
 
 def stage_name(kind: str, variant: Variant) -> str:
@@ -156,7 +185,7 @@ class Builder:
         self.recipe, self.out, self.variants, self.store, self.merge = recipe, out, variants, store, merge
         self.progress = progress
         self.hashes = HashCache(out / STAGES_DIR / HASHES)
-        self.keys = Keys(recipe, self.hashes)
+        self.keys = Keys(recipe, self.hashes, out)
         self.report = BuildReport(out)
         self._source = None
         self._manifest_cleared = False
@@ -284,15 +313,45 @@ class Builder:
         self.report.verdicts[variant.key] = {**verdict, "hardware": outcome.result["hardware"]}
         return outcome
 
+    def e2e(self, variant: Variant, source_info: dict[str, Any]) -> StageOutcome:
+        """The recipe's [validation] prompts through PyTorch and the variant, as 'validate --e2e' does."""
+        from runtimes.pipeline import needed as needed_components
+        from validation.e2e import requests_for
+
+        def run():
+            info, specs = jobs.tree_specs(self.out)
+            missing = [n for n in needed_components(info, specs) if n not in specs]
+            if missing:
+                raise UsageError(f"[validation] prompts need image generation, which needs {', '.join(missing)} too",
+                                 "add them to the recipe's components, or drop [validation] prompts")
+            requests = requests_for(self.recipe.validation.prompts, size=e2e_jobs.default_size(self.out),
+                                    steps=self.recipe.validation.steps)
+            runners = placement.Runners(self.out, source=self._pipeline, source_info=source_info)
+            placements = placement.resolve(self.out, variant, {})
+            results, reference, ref_images = e2e_jobs.e2e_work(
+                self.out, [placements], requests, runners=runners,
+                progress=lambda s: self.progress(f"e2e {variant.key}: {s}"))
+            result = results[0]
+            return [e2e_jobs.images_dir(result.label)], {"requests": [r.to_json() for r in requests], "result": result.to_json(),
+                              "reference": {"images": ref_images, "seconds": [round(g.seconds, 3) for g in reference]}}
+
+        outcome = self.stage(stage_name("e2e", variant), self.keys.e2e(variant), run)
+        self.report.images[variant.key] = e2e_jobs.e2e_verdict(outcome.result["result"])
+        return outcome
+
     # -- finish --------------------------------------------------------------------------
     def finish(self, export: StageOutcome, compiled: dict[str, StageOutcome], validated: dict[str, StageOutcome],
-               request: dict[str, Any]) -> None:
+               request: dict[str, Any], imaged: dict[str, StageOutcome]) -> None:
         keys = {s.name: s.key for s in self.report.stages}
         old = manifest.load(self.out) if (self.out / manifest.MANIFEST).is_file() else None
         if old is not None and old.get("stages", {}).get("keys") == keys and old.get("request") == request:
             return  # nothing changed: the finished manifest stands
-        write_json_atomic(self.out / REPORT_DIR / "validation.json",
-                          {"results": {k: v.result["report"] for k, v in validated.items()}})
+        report = {"results": {k: v.result["report"] for k, v in validated.items()}}
+        if imaged:
+            first = next(iter(imaged.values())).result
+            report["e2e"] = e2e_jobs.e2e_section(None, first["requests"], first["reference"],
+                                        {v.result["result"]["label"]: v.result["result"] for v in imaged.values()})
+        write_json_atomic(self.out / REPORT_DIR / "validation.json", report)
         data = manifest.new(request)
         data["source"] = export.result["source"]
         data["stages"] = {"export": {k: v for k, v in export.result.items() if k != "source"}}
@@ -301,6 +360,8 @@ class Builder:
             data["stages"]["calibrate"] = calibrated.result["entry"]
         data["targets"] = {k: v.result for k, v in compiled.items()}
         data["validation"] = dict(self.report.verdicts)
+        for outcome in imaged.values():
+            data["validation"][f"e2e:{outcome.result['result']['label']}"] = e2e_jobs.e2e_verdict(outcome.result["result"])
         data["stages"]["keys"] = keys
         if self._html_report_module():
             # The HTML report renders from the manifest data about to be written (one manifest write).
@@ -336,7 +397,10 @@ def run_build(recipe: Recipe, out: Path, *, only: list[str] | None = None, store
                 get_target(v.target).build_availability().require(f"cannot build {v.id} here")
         export = builder.export()
         export_files = set(_record_outputs(builder, "export"))
-        if calibration_needed([b.variant for b in recipe.build] if export_only else variants):
+        # A recipe that captures has the capture in place before any variant that reads it compiles, so a
+        # variant built by an --only job sees the same capture (and key) as in the full build.
+        if calibration_needed([b.variant for b in recipe.build]) and \
+                (export_only or calibration_needed(variants, ("required", "optional"))):
             builder.calibration()
         if export_only:
             return builder.report
@@ -345,7 +409,14 @@ def run_build(recipe: Recipe, out: Path, *, only: list[str] | None = None, store
             compiled[v.key] = builder.compile(v, export_files)
         for v in variants:
             validated[v.key] = builder.validate(v)
-        builder.finish(export, compiled, validated, request)
+        imaged = {}
+        if recipe.validation.prompts:
+            for v in variants:
+                if image_checked(v):
+                    imaged[v.key] = builder.e2e(v, export.result["source"])
+                else:
+                    log.info("no image check of %s: it does not run component by component here", v.key)
+        builder.finish(export, compiled, validated, request, imaged)
         shutil.rmtree(out / ".staging", ignore_errors=True)
         return builder.report
 

@@ -67,6 +67,11 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
 
 
+def images_dir(label: str) -> str:
+    """Where the image check of `label` writes its PNGs, relative to the output folder."""
+    return f"{REPORT_DIR}/{IMAGES}/{_slug(label)}"
+
+
 def _save_png(out: Path, rel: str, gen: Generation) -> str:
     write_bytes_atomic(out / rel, gen.png())
     return rel
@@ -119,10 +124,9 @@ def generate_job(out: Path, request: Request, *, default: Placement, overrides: 
 # --- image-level validation ---------------------------------------------------------------
 
 
-def _reference_key(out: Path, request: Request) -> str:
-    data = manifest.load(out) or {}
-    versions = data.get("versions", {})
-    basis = {"request": request.to_json(), "source": data.get("source"),
+def _reference_key(runners: Runners, request: Request) -> str:
+    versions = (manifest.load(runners.out) or {}).get("versions") or manifest.versions()
+    basis = {"request": request.to_json(), "source": runners.source_info,
              "torch": versions.get("torch"), "diffusers": versions.get("diffusers")}
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -132,7 +136,7 @@ def reference_generations(out: Path, runners: Runners, requests: Sequence[Reques
     """PyTorch generations of each request, cached in report/cache/ (keyed by request, source and versions)."""
     found = []
     for i, request in enumerate(requests):
-        path = out / REPORT_DIR / "cache" / f"torch-{_reference_key(out, request)}.npz"
+        path = out / REPORT_DIR / "cache" / f"torch-{_reference_key(runners, request)}.npz"
         if path.is_file():
             with np.load(path, allow_pickle=False) as data:
                 found.append(Generation(data["image"], data["latents"], float(data["seconds"])))
@@ -150,9 +154,17 @@ def reference_generations(out: Path, runners: Runners, requests: Sequence[Reques
 def e2e_job(out: Path, variants: Sequence[Mapping[str, Placement]], requests: Sequence[Request], *,
             runner_options: Mapping[str, Any] | None = None, progress: Progress | None = None) -> list[E2EResult]:
     """Generate every request through PyTorch and through each variant (component -> placement); judge the images."""
+    results, reference, ref_images = e2e_work(out, variants, requests, runners=Runners(out, runner_options),
+                                              progress=progress)
+    record_e2e(out, requests, reference, ref_images, results)
+    return results
+
+
+def e2e_work(out: Path, variants: Sequence[Mapping[str, Placement]], requests: Sequence[Request], *,
+             runners: Runners, progress: Progress | None = None) -> tuple[list[E2EResult], list[Generation], list[str]]:
+    """The images and verdicts of e2e_job, recorded nowhere: (results, PyTorch generations, their PNG paths)."""
     if not requests:
         raise UsageError("no prompts for the end-to-end check", "pass at least one --e2e-prompt")
-    runners = Runners(out, runner_options)
     reference = reference_generations(out, runners, requests, progress)
     ref_images = [_save_png(out, f"{REPORT_DIR}/{IMAGES}/{TORCH}/{i}.png", g) for i, g in enumerate(reference)]
     results = []
@@ -167,35 +179,47 @@ def e2e_job(out: Path, variants: Sequence[Mapping[str, Placement]], requests: Se
             result, _ = check_pipeline(
                 reference, pipe, requests, geometry=_geometry(out), label=label, precision=precision,
                 placements={n: p.label for n, p in placements.items()},
-                on_image=lambda i, g, label=label: _save_png(out, f"{REPORT_DIR}/{IMAGES}/{_slug(label)}/{i}.png", g))
+                on_image=lambda i, g, label=label: _save_png(out, f"{images_dir(label)}/{i}.png", g))
             result.runner = _runner_info(pipe)
         finally:
             close(pipe)
         results.append(result)
-    record_e2e(out, requests, reference, ref_images, results)
-    return results
+    return results, reference, ref_images
+
+
+def e2e_section(section: Mapping[str, Any] | None, requests: Sequence[Mapping[str, Any]],
+                reference: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """report/validation.json's "e2e" section with `results` (label -> result JSON) merged in; results judged
+    against other requests are dropped."""
+    wanted = list(requests)
+    merged = dict(section or {})
+    if merged.get("requests") != wanted:
+        merged = {"requests": wanted, "results": {}}
+    merged["reference"] = dict(reference)
+    merged["results"] = {**(merged.get("results") or {}), **results}
+    return merged
+
+
+def e2e_verdict(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's "e2e:<label>" entry of one result JSON."""
+    checks = result.get("checks") or []
+    return {"passed": result["passed"], "precision": result["precision"], "images": len(checks),
+            "failed": sum(not c["passed"] for c in checks), "error": result.get("error")}
 
 
 def record_e2e(out: Path, requests: Sequence[Request], reference: Sequence[Generation], ref_images: list[str],
                results: Sequence[E2EResult]) -> None:
-    """Merge into report/validation.json under "e2e"; results judged against other requests are dropped."""
+    """Merge into report/validation.json under "e2e" and the manifest's verdicts."""
     path = out / REPORT_DIR / "validation.json"
     data = _read_json(path)
-    wanted = [r.to_json() for r in requests]
-    section = data.get("e2e") or {}
-    if section.get("requests") != wanted:
-        section = {"requests": wanted, "results": {}}
-    section["reference"] = {"images": ref_images, "seconds": [round(g.seconds, 3) for g in reference]}
-    for result in results:
-        section["results"][result.label] = result.to_json()
-    data["e2e"] = section
+    data["e2e"] = e2e_section(data.get("e2e"), [r.to_json() for r in requests],
+                              {"images": ref_images, "seconds": [round(g.seconds, 3) for g in reference]},
+                              {r.label: r.to_json() for r in results})
     write_json_atomic(path, data)
 
     def update(m: dict[str, Any]) -> None:
         for result in results:
-            m.setdefault("validation", {})[f"e2e:{result.label}"] = {
-                "passed": result.passed, "precision": result.precision, "images": len(result.checks),
-                "failed": sum(not c.passed for c in result.checks), "error": result.error}
+            m.setdefault("validation", {})[f"e2e:{result.label}"] = e2e_verdict(result.to_json())
 
     _finish(out, update)
 

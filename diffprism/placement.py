@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from diffprism import manifest, sources
 from diffprism import variant as variants
@@ -46,13 +46,24 @@ def mix_label(placements: Mapping[str, Placement]) -> str:
 
 
 class Runners:
-    def __init__(self, out: Path, runner_options: Mapping[str, Any] | None = None):
+    """`source`/`source_info`: the PyTorch pipeline's loader and its record, for callers that have them
+    before a manifest exists (a recipe build); otherwise the source the manifest records."""
+
+    def __init__(self, out: Path, runner_options: Mapping[str, Any] | None = None, *,
+                 source: Callable[[], Any] | None = None, source_info: Mapping[str, Any] | None = None):
         self.out = out
         self.options = dict(runner_options or {})
         self._source: Any = None
+        self._load, self._info = source, source_info
+
+    @property
+    def source_info(self) -> Any:
+        return self._info if self._info is not None else (manifest.load(self.out) or {}).get("source")
 
     def source_pipeline(self) -> Any:
         """The PyTorch pipeline the export was made from (the reference)."""
+        if self._source is None and self._load is not None:
+            self._source = self._load()
         if self._source is None:
             data = manifest.load(self.out)
             if not data or not data.get("source"):

@@ -8,7 +8,7 @@ preset = "tiny-sd"            # or path = "models/sd15", or hub = "org/name" + r
 components = ["text_encoder", "vae_decoder"]   # optional subset (top-level keys go before any table)
 
 [shapes]
-batch = "1:2:4"
+batch = "1:1:2"               # images per call (the denoiser runs twice that under guidance); default as the CLI's
 
 [[build]]
 target = "openvino"
@@ -16,7 +16,7 @@ precision = "fp16"
 options = { }                 # passed to the target's Config
 
 [validation]
-prompts = ["a red bicycle"]
+prompts = ["a red bicycle"]   # image check of every variant that runs here (steps = 10)
 
 [validation.tolerances.fp16.unet]
 rel_l2 = 0.02
@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from diffprism import presets
 from exporters.errors import DiffprismError, ShapeError, UsageError
 from exporters.spec import ShapeRequest
+from validation.e2e import STEPS as E2E_STEPS
 from validation.policy import Policy
 
 EXAMPLE = "see examples/tiny-sd.toml"
@@ -86,8 +87,13 @@ class SourceSection(_Model):
         return self.preset or self.path or self.hub  # type: ignore[return-value]
 
 
+def _default_batch() -> str:
+    """The CLI's default --batch (exporters.spec.ShapeRequest), as range text."""
+    return ":".join(str(n) for n in ShapeRequest().batch)
+
+
 class ShapesSection(_Model):
-    batch: str = "1:2:4"
+    batch: str = Field(default_factory=_default_batch)  # images per call, as `diffprism export --batch`
     size: str | None = None
     sequence: str | None = None
 
@@ -139,7 +145,10 @@ class Bounds(_Model):
 class ValidationSection(_Model):
     # precision -> component -> bounds that replace the default ones
     tolerances: dict[str, dict[str, Bounds]] = Field(default_factory=dict)
-    prompts: list[str] = Field(default_factory=list)  # end-to-end prompts (report stage)
+    # Image check ('validate --e2e') of every variant that runs here: these prompts (seeds 0, 1, ...) through
+    # PyTorch and the variant at the export's preferred size; none: no image check.
+    prompts: list[str] = Field(default_factory=list)
+    steps: int = Field(E2E_STEPS, ge=1)  # denoising steps per image
 
     def policy(self) -> Policy:
         policy = Policy()

@@ -109,11 +109,15 @@ class Target(ABC):
         """The readable part of the label: the precision plus what `named_options` spell out."""
         return config.precision
 
+    def options_suffix(self, config: TargetConfig) -> str:
+        """'-3fa2c1d0' (the options digest's first 8 hex digits) when an option the label does not spell out
+        differs from its default, else ''. Targets that name folders their own way append it too."""
+        unnamed = {k for k in self.options_of(config) if k not in self.named_options}
+        return f"-{self.options_digest(config)[:8]}" if unnamed else ""
+
     def variant_label(self, config: TargetConfig) -> str:
         """e.g. fp16, fp16-palettize4, int8-3fa2c1d0 (int8 with non-default options)."""
-        unnamed = {k for k in self.options_of(config) if k not in self.named_options}
-        label = self.base_label(config)
-        return f"{label}-{self.options_digest(config)[:8]}" if unnamed else label
+        return self.base_label(config) + self.options_suffix(config)
 
     def output_dir(self, out: Path, config: TargetConfig) -> Path:
         return out / f"{self.name}-{self.variant_label(config)}"

@@ -5,10 +5,10 @@ With TensorRT and a CUDA GPU present, `build` makes the engines with the TensorR
 cache). Without them it writes the same plan as a trtexec build job (targets/tensorrt_job.py)
 and says so in BuildResult.note; it never pretends engines exist.
 
-Engines live in <out>/tensorrt-<precision>-sm<cc>-trt<version>-<flags|typed>/<component>/model.plan,
-because an engine only deserializes on the GPU architecture and TensorRT version that built it,
-and TensorRT 10.x and 11.x build the same precision two ways (10.x: builder precision flags on the
-fp32 graph; 11.x: strongly typed from a graph that carries its types, e.g. onnx-fp16/). When the GPU
+Engines live in <out>/tensorrt-<precision>-sm<cc>-trt<version>-<flags|typed>[-<digest>]/<component>/model.plan:
+an engine only deserializes on the GPU architecture and TensorRT version that built it, and TensorRT 10.x and 11.x build the same precision two ways (10.x: builder precision flags on the
+fp32 graph; 11.x: strongly typed from a graph that carries its types, e.g. onnx-fp16/); the options digest
+suffix (the one the variant's label carries) keeps variants that differ only in options apart. When the GPU
 is not given and cannot be detected, the plan records "unknown"; when the TensorRT version is not,
 the plan is for TensorRT 11 and the build job fills in the exact version from the machine it runs on.
 """
@@ -61,10 +61,28 @@ class TensorRtTarget(Target):
     precisions = PRECISIONS
     Config = TensorRtConfig
     tools = ("tensorrt", "polygraphy")
-    # The engine folder is named by precision, GPU and TensorRT version only (the golden build jobs and
-    # the GPU runners' paths rely on it): TensorRT variants that differ only in other options do not coexist yet.
-    named_options = tuple(TensorRtConfig.model_fields)
+    # The label and the engine folder spell out these; any other option adds the options digest suffix to
+    # both (folder_tag), so TensorRT variants that differ only in options get their own folders.
+    named_options = ("gpu", "trt_version", "hardware_compatibility")
     gpu = True
+
+    def base_label(self, config: TargetConfig) -> str:
+        """fp16, or fp16-sm89-trt10.8.0 / fp16-sm80plus when the options name the GPU or TensorRT."""
+        assert isinstance(config, TensorRtConfig)
+        parts = [config.precision]
+        if config.gpu or config.hardware_compatibility == "ampere_plus":
+            parts.append(gpu_tag(parse_gpu(config.gpu) if config.gpu else None, config.hardware_compatibility))
+        if config.hardware_compatibility == "same_compute_capability":
+            parts.append("samecc")
+        if config.trt_version:
+            parts.append(f"trt{parse_trt_version(config.trt_version)}")
+        return "-".join(parts)
+
+    def folder_tag(self, config: TargetConfig) -> str:
+        """What ends the engine folder's name after the GPU, TensorRT and typing tags: what the label has
+        beyond them (same-compute-capability engines, the options suffix)."""
+        same_cc = getattr(config, "hardware_compatibility", "none") == "same_compute_capability"
+        return ("-samecc" if same_cc else "") + self.options_suffix(config)
 
     def inputs(self, config: TargetConfig) -> Inputs:
         # int8 builds the ONNX Runtime int8 variant's Q/DQ graph (onnx-int8/) strongly typed.
@@ -85,10 +103,11 @@ class TensorRtTarget(Target):
         cc = parse_gpu(config.gpu) if config.gpu else detect_cc()
         major, version = trt_target(config.trt_version, detect_trt_version())
         typed, tag = strongly_typed(config.precision, major), version_tag(major, version)
-        exact = out / engine_dir_name(config.precision, gpu_tag(cc, config.hardware_compatibility), tag, typed)
+        suffix = self.folder_tag(config)
+        exact = out / engine_dir_name(config.precision, gpu_tag(cc, config.hardware_compatibility), tag, typed, suffix)
         if exact.is_dir() or cc is None or cc < 80 or config.hardware_compatibility != "none":
             return exact
-        portable = out / engine_dir_name(config.precision, gpu_tag(cc, "ampere_plus"), tag, typed)
+        portable = out / engine_dir_name(config.precision, gpu_tag(cc, "ampere_plus"), tag, typed, suffix)
         return portable if portable.is_dir() else exact  # Ampere-compatible engines also run here
 
     def availability(self) -> Availability:
@@ -104,7 +123,7 @@ class TensorRtTarget(Target):
     def plan(self, tree: Path, specs: dict[str, ComponentSpec], config: TargetConfig) -> dict[str, Any]:
         assert isinstance(config, TensorRtConfig)
         return make_plan(tree, specs, config, detected_cc=detect_cc(), detected_trt=detect_trt_version(),
-                         geometry=read_geometry(tree))
+                         geometry=read_geometry(tree), options_tag=self.folder_tag(config))
 
     def build(self, plan: dict[str, Any], out: Path, source: Any = None) -> BuildResult:
         final = out / plan["dir"]

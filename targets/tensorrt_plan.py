@@ -20,7 +20,7 @@ from exporters.spec import POINTS, Axis, ComponentSpec, ShapeRequest
 from exporters.tree import read_tree_info
 from targets.base import TargetConfig
 
-PLAN_FORMAT = 2  # 2: trt_major, min_trt, the build path in the folder name
+PLAN_FORMAT = 3  # 2: trt_major, min_trt, the build path in the folder name; 3: options_tag
 ENGINE_NAME = "model.plan"
 PLAN_FILE = "plan.json"
 SCRIPT_FILE = "build_engines.sh"
@@ -143,10 +143,11 @@ def version_tag(major: int, trt_version: str) -> str:
     return trt_version if trt_version != UNKNOWN else str(major)
 
 
-def engine_dir_name(precision: str, gpu_tag: str, trt_version: str, typed: bool) -> str:
-    """tensorrt-<precision>-sm<cc>-trt<version>-<flags|typed>: an engine only loads on the GPU and TensorRT
-    it was built for, and the same precision is built two ways (builder flags on 10.x, graph types on 11)."""
-    return f"tensorrt-{precision}-{gpu_tag}-trt{trt_version}-{TYPING_TAGS[typed]}"
+def engine_dir_name(precision: str, gpu_tag: str, trt_version: str, typed: bool, options_tag: str = "") -> str:
+    """tensorrt-<precision>-sm<cc>-trt<version>-<flags|typed><options_tag>: an engine only loads on the GPU and
+    TensorRT it was built for, and the same precision is built two ways (builder flags on 10.x, graph types on 11);
+    options_tag is the variant's options suffix (Target.options_suffix: '' or '-3fa2c1d0')."""
+    return f"tensorrt-{precision}-{gpu_tag}-trt{trt_version}-{TYPING_TAGS[typed]}{options_tag}"
 
 
 def gpu_tag(cc: int | None, hardware: str) -> str:
@@ -216,8 +217,9 @@ def profiles(spec: ComponentSpec, config: TensorRtConfig, scale: int,
 
 def make_plan(tree: Path, specs: Mapping[str, ComponentSpec], config: TensorRtConfig, *,
               detected_cc: int | None = None, detected_trt: str | None = None,
-              geometry: Geometry) -> dict[str, Any]:
-    """What would be built, from the specs and the config; `detected_*` describe this machine (None: no GPU/TensorRT)."""
+              geometry: Geometry, options_tag: str = "") -> dict[str, Any]:
+    """What would be built, from the specs and the config; `detected_*` describe this machine (None: no GPU/TensorRT);
+    `options_tag` ends the engine folder's name (the variant's options suffix)."""
     precision = config.precision
     cc = parse_gpu(config.gpu) if config.gpu else detected_cc
     major, trt_version = trt_target(config.trt_version, detected_trt)
@@ -228,7 +230,7 @@ def make_plan(tree: Path, specs: Mapping[str, ComponentSpec], config: TensorRtCo
     source = source_tree(precision, major)
     _check_source(out, source, specs, precision, major)
     tag = gpu_tag(cc, config.hardware_compatibility)
-    directory = engine_dir_name(precision, tag, version_tag(major, trt_version), typed)
+    directory = engine_dir_name(precision, tag, version_tag(major, trt_version), typed, options_tag)
     scale = geometry.vae_scale_factor
     timing_cache = config.timing_cache or f"{directory}/{TIMING_CACHE}"
     components = {}
@@ -249,6 +251,7 @@ def make_plan(tree: Path, specs: Mapping[str, ComponentSpec], config: TensorRtCo
         "trt_major": major,
         "min_trt": _min_trt(config),
         "dir": directory,
+        "options_tag": options_tag,
         "source": source,
         "network": {"strongly_typed": typed},
         "builder": {

@@ -28,6 +28,7 @@ PROMPTS = (
     "a watercolor painting of a harbour at sunset",
 )
 
+STEPS = 10  # denoising steps per image unless asked otherwise ('validate --e2e-steps', a recipe's [validation] steps)
 
 # Image bounds are rows of the one tolerance table (validation.policy).
 TOLERANCES = IMAGE

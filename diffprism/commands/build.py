@@ -40,6 +40,10 @@ def run(args: argparse.Namespace, ui) -> int:
             for k, v in report.verdicts.items()]
     if rows:
         ui.table("validation", ["variant", "verdict", "within tolerance"], rows)
+    images = [[k, shown["passed" if v["passed"] else "failed"], f"{v['images'] - v['failed']}/{v['images']}"]
+              for k, v in report.images.items()]
+    if images:
+        ui.table("images vs PyTorch ([validation] prompts)", ["variant", "verdict", "within tolerance"], images)
     ok = report.passed or args.export_only
     digest = manifest.sha256_of(out) if (out / manifest.MANIFEST).is_file() else None
     if digest:
@@ -47,5 +51,5 @@ def run(args: argparse.Namespace, ui) -> int:
     failure = {} if ok else {"exit_code": EXIT_VALIDATION_FAILED, "error": "a validation failed",
                              "fix": "see the validation table; fix the build or its tolerances"}
     ui.emit({"ok": ok, "out": str(out), "stages": {s.name: {"action": s.action, "key": s.key} for s in report.stages},
-             "validation": report.verdicts, "manifest_sha256": digest, **failure})
+             "validation": report.verdicts, "images": report.images, "manifest_sha256": digest, **failure})
     return EXIT_OK if ok else EXIT_VALIDATION_FAILED

@@ -15,7 +15,8 @@ def add_components(parser: argparse.ArgumentParser) -> None:
 
 
 def add_shapes(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", default="1:1:2", help="images per call, N or MIN:OPT:MAX (default 1:1:2); text "
+    default = ":".join(str(n) for n in ShapeRequest().batch)  # one default for the CLI and recipes
+    parser.add_argument("--batch", default=default, help=f"images per call, N or MIN:OPT:MAX (default {default}); text "
                         "encoders and VAE run per image, the denoiser at twice that under classifier-free guidance")
     parser.add_argument("--size", help="image size range in pixels, N or MIN:OPT:MAX (default: half to double "
                         "the model's native size)")

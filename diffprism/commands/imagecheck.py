@@ -10,7 +10,9 @@ def add_e2e_args(parser: argparse.ArgumentParser) -> None:
                              "compare them (latent rel L2, PSNR, SSIM); exit 1 if they differ")
     parser.add_argument("--e2e-prompt", action="append", metavar="PROMPT",
                         help="prompt for the image check (repeatable; default: three built-in prompts)")
-    parser.add_argument("--e2e-steps", type=int, default=10, help="denoising steps per image (default 10)")
+    from validation.e2e import STEPS
+
+    parser.add_argument("--e2e-steps", type=int, default=STEPS, help=f"denoising steps per image (default {STEPS})")
     parser.add_argument("--e2e-size", help="N or HxW in pixels (default: the export's preferred size)")
     parser.add_argument("--e2e-guidance-scale", type=float, default=7.5, help="guidance scale (default 7.5)")
 

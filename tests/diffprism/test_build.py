@@ -13,7 +13,7 @@ from diffprism import manifest
 from diffprism.build import Keys, run_build
 from diffprism.cli import main
 from diffprism.recipe import load, parse
-from exporters.errors import EXIT_LOCKED, EXIT_VALIDATION_FAILED
+from exporters.errors import EXIT_LOCKED, EXIT_VALIDATION_FAILED, UsageError
 
 # report.html shows when it was written; every other file must be byte-identical across builds.
 TIMESTAMPED = {"report/report.html"}
@@ -158,3 +158,92 @@ def test_export_is_byte_identical_across_processes(exported, tmp_path):
     ours = {k: v for k, v in manifest.load(second)["files"].items() if "unet" in k}
     theirs = {k: v for k, v in manifest.load(first)["files"].items() if "unet" in k}
     assert len(ours) == 4 and ours == theirs  # model.onnx, model.onnx_data, config.json, reference npz
+
+
+def test_a_capture_in_the_folder_is_in_the_keys_of_the_variants_that_may_read_it(recipe_text, tmp_path):
+    """ONNX Runtime fp16's island search reads a capture when there is one, whoever made it: its key sees the bytes."""
+    recipe = parse(recipe_text + '\n[[build]]\ntarget = "onnxruntime"\nprecision = "fp16"\n')
+    fp32, fp16 = (b.variant for b in recipe.build)
+    out = tmp_path / "set"
+    keys = Keys(recipe, out=out)  # a key is of the folder as it is when asked
+    bare = keys.compile(fp16), keys.validate(fp16), keys.compile(fp32)
+    capture = out / "calibration"
+    capture.mkdir(parents=True)
+    (capture / "info.json").write_text("{}")
+    (capture / "text_encoder.npz").write_bytes(b"captured once")
+    once = keys.compile(fp16), keys.validate(fp16), keys.compile(fp32)
+    (capture / "text_encoder.npz").write_bytes(b"captured again")
+    again = keys.compile(fp16), keys.validate(fp16), keys.compile(fp32)
+    assert len({bare[0], once[0], again[0]}) == 3 and len({bare[1], once[1], again[1]}) == 3
+    assert bare[2] == once[2] == again[2]  # fp32 reads no capture
+
+
+def test_a_capture_left_by_calibrate_rebuilds_the_fp16_variant_that_reads_it(copy_built, tmp_path, recipe_text):
+    from diffprism.jobs import calibrate_job
+
+    folder = copy_built()
+    recipe = tmp_path / "fp16.toml"
+    recipe.write_text(recipe_text + '\n[[build]]\ntarget = "onnxruntime"\nprecision = "fp16"\n')
+    first = run_build(load(recipe), folder)
+    details = manifest.load(folder)["targets"]["onnxruntime-fp16"]["details"]
+    assert first.actions()["compile-onnxruntime-fp16"] == "built" and details["text_encoder"]["island_inputs"] == "reference"
+    calibrate_job(folder, prompts=["a red cube"], steps=1)
+    again = run_build(load(recipe), folder)
+    assert again.actions()["compile-onnxruntime-fp16"] == "built" and again.actions()["export"] == "skipped"
+    details = manifest.load(folder)["targets"]["onnxruntime-fp16"]["details"]
+    assert details["text_encoder"]["island_inputs"] == "capture"
+    assert set(run_build(load(recipe), folder).actions().values()) == {"skipped"}
+
+
+PROMPTED = """\
+components = ["text_encoder", "unet", "vae_decoder"]
+reference_points = "opt"
+
+[source]
+preset = "tiny-sd"
+
+[shapes]
+batch = "1"
+size = "32"
+
+[[build]]
+target = "onnxruntime"
+
+[validation]
+prompts = ["a red cube"]
+steps = 2
+"""
+
+
+def test_validation_prompts_are_the_images_the_build_generates_and_compares(tmp_path, capsys):
+    recipe = tmp_path / "prompted.toml"
+    recipe.write_text(PROMPTED)
+    out = tmp_path / "set"
+    assert main(["--json", "build", str(recipe), "--out", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["stages"]["e2e-onnxruntime-fp32"]["action"] == "built" and doc["images"]["onnxruntime-fp32"]["passed"]
+    section = json.loads((out / "report" / "validation.json").read_text())["e2e"]
+    assert [r["prompt"] for r in section["requests"]] == ["a red cube"] and section["requests"][0]["steps"] == 2
+    check = section["results"]["onnxruntime-fp32"]["checks"][0]
+    assert check["passed"] and (out / check["image"]).is_file() and (out / section["reference"]["images"][0]).is_file()
+    data = manifest.load(out)
+    assert data["validation"]["e2e:onnxruntime-fp32"] == {"passed": True, "precision": "fp32", "images": 1,
+                                                         "failed": 0, "error": None}
+    assert manifest.verify(out) == [] and "a red cube" in (out / "report" / "report.html").read_text()
+
+    # Other prompts: only the image check runs again, and it judges those prompts.
+    recipe.write_text(PROMPTED.replace('["a red cube"]', '["a blue ball", "a green tree"]'))
+    assert main(["--json", "build", str(recipe), "--out", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {k: v["action"] for k, v in doc["stages"].items()} == {
+        "export": "skipped", "compile-onnxruntime-fp32": "skipped", "validate-onnxruntime-fp32": "skipped",
+        "e2e-onnxruntime-fp32": "built"}
+    section = json.loads((out / "report" / "validation.json").read_text())["e2e"]
+    assert [r["prompt"] for r in section["requests"]] == ["a blue ball", "a green tree"]
+    assert manifest.load(out)["validation"]["e2e:onnxruntime-fp32"]["images"] == 2
+
+
+def test_validation_prompts_need_the_components_generation_needs(tmp_path):
+    recipe = parse(PROMPTED.replace('["text_encoder", "unet", "vae_decoder"]', '["text_encoder"]'))
+    with pytest.raises(UsageError, match=r"need image generation, which needs unet, vae_decoder"):
+        run_build(recipe, tmp_path / "set")

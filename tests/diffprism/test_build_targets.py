@@ -46,6 +46,11 @@ target = "tensorrt"
 precision = "int8"
 
 [[build]]
+target = "tensorrt"
+precision = "int8"
+options = { optimization_level = 5 }
+
+[[build]]
 target = "openvino"
 precision = "int8"
 
@@ -80,9 +85,10 @@ def test_one_recipe_builds_every_target(every_target):
     ov = [b.variant for b in parse(EVERY_TARGET).build if b.target == "openvino"]
     assert ov[0].key == "openvino-int8" and ov[1].key.startswith("openvino-int8-") and ov[0] != ov[1]
     pruned, qat = (b.variant.key for b in parse(EVERY_TARGET).build if b.target == "onnxruntime")
+    trt = [b.variant for b in parse(EVERY_TARGET).build if b.target == "tensorrt"]
     status = {k: v["status"] for k, v in report.verdicts.items()}
-    assert status == {"coreml-fp16": "structural", "tensorrt-int8": "structural", pruned: "passed", qat: "passed",
-                      ov[0].key: "passed", ov[1].key: "passed"}
+    assert status == {"coreml-fp16": "structural", "tensorrt-int8": "structural", trt[1].key: "structural",
+                      pruned: "passed", qat: "passed", ov[0].key: "passed", ov[1].key: "passed"}
     assert report.passed  # structural verdicts are not failures
     actions = report.actions()
     # TensorRT int8 reads the ONNX Runtime int8 tree, which reads the calibration capture: both built first.
@@ -91,6 +97,13 @@ def test_one_recipe_builds_every_target(every_target):
     targets = data["targets"]
     assert (out / "coreml-fp16" / "unet.mlpackage").is_dir()
     assert (out / targets["tensorrt-int8"]["dir"] / SCRIPT_FILE).is_file() and "build job" in targets["tensorrt-int8"]["note"]
+    # Two TensorRT int8 variants that differ only in the builder optimization level: two build jobs, two stages.
+    assert trt[1].key == f"tensorrt-int8-{trt[1].digest[:8]}"
+    jobs = [targets[v.key]["dir"] for v in trt]
+    assert jobs[1] == f"{jobs[0]}-{trt[1].digest[:8]}" and all((out / d / SCRIPT_FILE).is_file() for d in jobs)
+    assert [json.loads((out / d / "plan.json").read_text())["builder"]["optimization_level"] for d in jobs] == [3, 5]
+    keys = {s.name: s.key for s in report.stages}
+    assert keys[f"compile-{trt[0].key}"] != keys[f"compile-{trt[1].key}"]
     # Two OpenVINO int8 variants side by side: activations quantized (calibrated) and weight-only.
     assert targets[ov[0].key]["details"]["unet"]["fake_quantize"] > 0
     assert targets[ov[1].key]["details"]["unet"]["fake_quantize"] == 0

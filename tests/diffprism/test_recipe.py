@@ -28,6 +28,16 @@ def test_example_recipe_parses():
     assert recipe.source.preset == "tiny-sd"
 
 
+def test_default_batch_is_the_clis():
+    """A recipe without [shapes] batch exports what 'diffprism export' does without --batch (images per call)."""
+    from diffprism.cli import build_parser
+    from exporters.spec import ShapeRequest
+
+    cli = build_parser().parse_args(["export", "tiny-sd", "--out", "x"])
+    assert parse(BASE).shapes.request().batch == ShapeRequest.parse_range(cli.batch, "batch") == ShapeRequest().batch
+    assert parse(BASE).shapes.batch == cli.batch  # in the stage key as the value it stands for
+
+
 def test_full_recipe_fields():
     recipe = parse(BASE + """\
 [[build]]

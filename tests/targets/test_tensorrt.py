@@ -120,6 +120,32 @@ def test_engine_folder_names_gpu_tensorrt_and_build_path(exported, fp16_tree):
     assert typed["dir"] == "tensorrt-fp16-sm89-trt11.0.0-typed" and typed["trt_major"] == 11
 
 
+def test_variants_that_differ_only_in_options_get_their_own_engine_folders(exported, monkeypatch):
+    """The folder ends with the label's options digest; the build job builds into that folder on the GPU, and
+    the runner there looks in it."""
+    import targets.tensorrt as trt_target
+    from diffprism.variant import Variant
+
+    out = exported("tiny-sd")
+    default = Variant.of("tensorrt", "fp16", {"gpu": "sm89", "trt_version": "10.8.0"})
+    tuned = Variant.of("tensorrt", "fp16", {"gpu": "sm89", "trt_version": "10.8.0", "optimization_level": 5})
+    samecc = Variant.of("tensorrt", "fp16", {"gpu": "sm89", "trt_version": "10.10.0",
+                                             "hardware_compatibility": "same_compute_capability"})
+    assert default.key == "tensorrt-fp16-sm89-trt10.8.0" and default.folder(out).name == "tensorrt-fp16-sm89-trt10.8.0-flags"
+    assert tuned.key == f"tensorrt-fp16-sm89-trt10.8.0-{tuned.digest[:8]}"
+    assert tuned.folder(out).name == f"tensorrt-fp16-sm89-trt10.8.0-flags-{tuned.digest[:8]}"
+    assert samecc.folder(out).name == "tensorrt-fp16-sm89-trt10.10.0-flags-samecc"
+    plans = [_plan(out, precision="fp16", **v.options) for v in (default, tuned, samecc)]
+    assert [p["dir"] for p in plans] == [v.folder(out).name for v in (default, tuned, samecc)]
+    assert 'DEST="tensorrt-${PRECISION}-${GPU_TAG}-trt${TRT_VERSION}-flags${OPTIONS_TAG}"' in build_script(plans[1])
+    assert f"OPTIONS_TAG=-{tuned.digest[:8]}" in build_script(plans[1])
+    # On the GPU machine (no gpu/trt_version given, both detected) the runner's folder carries the same suffix.
+    monkeypatch.setattr(trt_target, "detect_cc", lambda: 89)
+    monkeypatch.setattr(trt_target, "detect_trt_version", lambda: "11.0.0")
+    here = Variant.of("tensorrt", "fp16", {"workspace_mb": 512})
+    assert here.folder(out).name == f"tensorrt-fp16-sm89-trt11.0.0-typed-{here.digest[:8]}"
+
+
 def test_unknown_gpu_and_version_plan_for_tensorrt_11(fp16_tree, monkeypatch):
     import targets.tensorrt as trt_target
 
@@ -451,7 +477,11 @@ def test_compile_without_tensorrt_writes_a_runnable_build_job(copy_export, tmp_p
                  "--components", "unet,vae_decoder", "--option", "sizes=[\"32:64:96\",\"96:128:128\"]"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["ok"]
-    job = out / "tensorrt-fp16-smunknown-trt11-typed"  # nothing detected: TensorRT 11, the version left to the job
+    from diffprism.variant import Variant
+
+    variant = Variant.of("tensorrt", "fp16", {"sizes": ["32:64:96", "96:128:128"]})
+    tag = variant.digest[:8]  # the sizes option: the label's options digest ends the folder name too
+    job = out / f"tensorrt-fp16-smunknown-trt11-typed-{tag}"  # nothing detected: TensorRT 11, the version left to the job
     assert Path(report["dir"]) == job
     assert "GPU machine" in report["note"] and "build_engines.sh" in report["note"]
     script = job / "build_engines.sh"
@@ -459,9 +489,9 @@ def test_compile_without_tensorrt_writes_a_runnable_build_job(copy_export, tmp_p
     plan = json.loads((job / "plan.json").read_text())
     assert set(plan["components"]) == {"unet", "vae_decoder"}
     manifest = json.loads((out / "manifest.json").read_text())
-    entry = manifest["targets"]["tensorrt-fp16"]
+    entry = manifest["targets"][f"tensorrt-fp16-{tag}"]
     assert entry["details"]["unet"]["built"] is False and entry["details"]["unet"]["gpu"] == "smunknown"
-    assert "tensorrt-fp16-smunknown-trt11-typed/build_engines.sh" in manifest["files"]
+    assert f"tensorrt-fp16-smunknown-trt11-typed-{tag}/build_engines.sh" in manifest["files"]
 
     # No trtexec on PATH: a clear message, not a half-built folder.
     missing = _run_job(script, None)
@@ -478,7 +508,10 @@ def test_compile_without_tensorrt_writes_a_runnable_build_job(copy_export, tmp_p
     calls = _stub_tools(tmp_path / "bin", "8.9", "v110000")
     done = _run_job(script, tmp_path / "bin", GPU_INDEX="1")
     assert done.returncode == 0, done.stderr
-    engines = out / "tensorrt-fp16-sm89-trt11.0.0-typed"
+    engines = out / f"tensorrt-fp16-sm89-trt11.0.0-typed-{tag}"
+    monkeypatch.setattr(trt_target, "detect_cc", lambda: 89)  # there, the runner looks in that folder
+    monkeypatch.setattr(trt_target, "detect_trt_version", lambda: "11.0.0")
+    assert variant.folder(out) == engines
     record = json.loads((engines / "engines.json").read_text())
     assert record["gpu"] == "sm89" and record["trt_version"] == "11.0.0" and record["compute_capability"] == "8.9"
     import hashlib

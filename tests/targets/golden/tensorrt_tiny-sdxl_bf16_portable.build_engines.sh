@@ -15,6 +15,7 @@ PLANNED_TRT=unknown
 PLANNED_MAJOR=10
 MIN_TRT_NUM=100800  # TensorRT 10.8
 MIN_CC=80
+OPTIONS_TAG=-3f0b7792  # the variant's options digest (empty: default options)
 TRTEXEC="${TRTEXEC:-trtexec}"
 GPU_INDEX="${GPU_INDEX:-0}"
 export CUDA_DEVICE_ORDER=PCI_BUS_ID  # CUDA's device N is nvidia-smi's GPU N
@@ -55,7 +56,7 @@ if [[ "$PLANNED_TRT" != unknown && "$PLANNED_TRT" != "$TRT_VERSION" ]]; then
 fi
 
 # Engines only load on the GPU and TensorRT they were built with: the folder name says which.
-DEST="tensorrt-${PRECISION}-${GPU_TAG}-trt${TRT_VERSION}-flags"
+DEST="tensorrt-${PRECISION}-${GPU_TAG}-trt${TRT_VERSION}-flags${OPTIONS_TAG}"
 mkdir -p "$DEST"
 [[ "$HERE" -ef "$DEST" ]] || cp "$HERE/plan.json" "$HERE/build_engines.sh" "$DEST/"
 TIMING_CACHE="$DEST/timing.cache"
