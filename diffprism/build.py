@@ -117,7 +117,8 @@ def calibration_needed(variants: list[Variant], reads: tuple[str, ...] = ("requi
 
 
 class Keys:
-    """Stage keys of one recipe (pure: computable on any machine, no model loaded).
+    """Stage keys of one recipe (computable on any machine, no model loaded; only an optional capture's
+    key reads the folder).
 
     Every input of a stage is in its key: the export's source bytes and settings, the calibration
     a variant reads (required: the calibration stage's key; optional: the content of the capture in
@@ -327,12 +328,12 @@ class Builder:
             requests = requests_for(self.recipe.validation.prompts, size=e2e_jobs.default_size(self.out),
                                     steps=self.recipe.validation.steps)
             runners = placement.Runners(self.out, source=self._pipeline, source_info=source_info)
-            placements = placement.resolve(self.out, variant, {})
+            images = e2e_jobs.images_dir(variant.key)
+            shutil.rmtree(self.out / images, ignore_errors=True)  # no image of other prompts stays in its outputs
             results, reference, ref_images = e2e_jobs.e2e_work(
-                self.out, [placements], requests, runners=runners,
+                self.out, [{n: variant for n in needed_components(info, specs)}], requests, runners=runners,
                 progress=lambda s: self.progress(f"e2e {variant.key}: {s}"))
-            result = results[0]
-            return [e2e_jobs.images_dir(result.label)], {"requests": [r.to_json() for r in requests], "result": result.to_json(),
+            return [images], {"requests": [r.to_json() for r in requests], "result": results[0].to_json(),
                               "reference": {"images": ref_images, "seconds": [round(g.seconds, 3) for g in reference]}}
 
         outcome = self.stage(stage_name("e2e", variant), self.keys.e2e(variant), run)
@@ -350,7 +351,7 @@ class Builder:
         if imaged:
             first = next(iter(imaged.values())).result
             report["e2e"] = e2e_jobs.e2e_section(None, first["requests"], first["reference"],
-                                        {v.result["result"]["label"]: v.result["result"] for v in imaged.values()})
+                                                 {v.result["result"]["label"]: v.result["result"] for v in imaged.values()})
         write_json_atomic(self.out / REPORT_DIR / "validation.json", report)
         data = manifest.new(request)
         data["source"] = export.result["source"]
