@@ -8,8 +8,8 @@ component with the `policy` option):
   fp16          every component fp16, with automatic fp32 islands
   bf16          bf16 weights, fp32 compute (ONNX Runtime's CPU provider has no bf16 kernels
                 for most ops)
-  int8          UNet static QDQ int8 (calibrated on the captured denoising inputs), VAE fp16,
-                text encoders dynamic int8
+  int8          UNet static QDQ int8 (calibrated on the captured denoising inputs; calibrate_method
+                MinMax, Entropy or Percentile), VAE fp16, text encoders dynamic int8
   int8-dynamic  UNet and text encoders dynamic int8, VAE fp16
   int4          UNet block-wise int4 weights (MatMulNBits), text encoders dynamic int8, VAE fp16
   pruned        UNet magnitude-pruned (unstructured, or structured with structured=true: tree
@@ -64,7 +64,8 @@ class OrtConfig(TargetConfig):
     island_samples: int = 2  # inputs the island search runs on
     calibration: str = "capture"  # static int8 feeds: "capture" (<out>/calibration) or "reference"
     calibration_samples: int = 16  # captured feeds used for static int8 (spread over the steps)
-    # static int8 ranges: onnxruntime.quantization.CalibrationMethod MinMax | Entropy | Percentile
+    # static int8 ranges: onnxruntime.quantization.CalibrationMethod MinMax | Entropy | Percentile.
+    # MinMax: best on trained tiny-shapes; Percentile 0.3 dB and Entropy 7 dB below it (docs/benchmarks.md)
     calibrate_method: str = "MinMax"
     calibrate_percentile: float = Field(99.999, gt=0.0, le=100.0)  # Percentile's CalibPercentile
     calibrate_moving_average: bool = False  # MinMax's CalibMovingAverage
