@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from exporters import reference
 from exporters.errors import SourceError, UsageError
@@ -88,6 +88,16 @@ class OrtConfig(TargetConfig):
         if not isinstance(value, str) or value.lower() not in names:
             raise ValueError(f"unknown calibration method {value!r}; choose from {', '.join(CALIBRATION_METHODS)}")
         return names[value.lower()]
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> "OrtConfig":
+        # A setting the chosen method ignores would name a second variant with the same bytes.
+        default = type(self).model_fields["calibrate_percentile"].default
+        if self.calibrate_percentile != default and self.calibrate_method != "Percentile":
+            raise ValueError("calibrate_percentile applies to calibrate_method=Percentile only")
+        if self.calibrate_moving_average and self.calibrate_method != "MinMax":
+            raise ValueError("calibrate_moving_average applies to calibrate_method=MinMax only")
+        return self
 
 
 class OnnxRuntimeTarget(Target):

@@ -8,6 +8,8 @@ calibration cache) and then `quantize_static` reading that cache.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from pathlib import Path
@@ -127,9 +129,13 @@ def calibrate(prepared: Path, feeds: Sequence[Mapping[str, np.ndarray]], ranges:
                                            calibrate_method=CalibrationMethod[method], use_external_data_format=True,
                                            extra_options={"percentile": percentile})
             batches = [[feed] for feed in feeds]
-        for batch in batches:
-            calibrator.collect_data(Reader(batch))
-        save_tensors_data(calibrator.compute_data(), ranges)
+        chatter = io.StringIO()  # the histogram collector prints progress; stdout belongs to the CLI
+        with contextlib.redirect_stdout(chatter):
+            for batch in batches:
+                calibrator.collect_data(Reader(batch))
+            data = calibrator.compute_data()
+        log.debug("%s calibration: %s", method, chatter.getvalue().strip())
+        save_tensors_data(data, ranges)
         del calibrator
     return ranges
 

@@ -168,3 +168,13 @@ def test_unknown_calibration_method_names_the_choices():
 
     with pytest.raises(UsageError, match="calibrate_method.*MinMax, Entropy, Percentile"):
         Variant.of("onnxruntime", "int8", {"calibrate_method": "kl"})
+
+
+def test_a_setting_the_method_ignores_is_refused():
+    from diffprism.variant import Variant
+
+    with pytest.raises(UsageError, match="calibrate_method=Percentile only"):
+        Variant.of("onnxruntime", "int8", {"calibrate_percentile": 99.9})
+    with pytest.raises(UsageError, match="calibrate_method=MinMax only"):
+        Variant.of("onnxruntime", "int8", {"calibrate_method": "Entropy", "calibrate_moving_average": True})
+    assert Variant.of("onnxruntime", "int8", {"calibrate_method": "Percentile", "calibrate_percentile": 99.9}).digest
