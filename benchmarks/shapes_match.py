@@ -44,6 +44,30 @@ def grid(prompts: list[str], images: list[np.ndarray], path: Path, cols: int = 9
     sheet.save(path)
 
 
+def measure(runners: Runners, placement: Placement, prompts: list[str], ref: list, **kw) -> dict:
+    """Prompt-match rates of one built variant, and its images' mean PSNR/SSIM against PyTorch's `ref`."""
+    pipe = runners.pipeline(resolve(runners.out, placement, {}), placement)
+    try:
+        matches, gens = check.generate_matches(pipe, prompts, geometry=read_geometry(runners.out / ONNX_DIR), **kw)
+    finally:
+        close(pipe)
+    metrics = [image_metrics(r, g) for r, g in zip(ref, gens)]
+    return {"variant": placement.label, **check.rates(matches),
+            "psnr": float(np.mean([min(m["psnr"], 100.0) for m in metrics])),
+            "ssim": float(np.mean([m["ssim"] for m in metrics]))}
+
+
+def print_table(rows: list[dict], extra: tuple[str, ...] = ()) -> None:
+    """Markdown table of `rows`; `extra` names further columns each row carries as text."""
+    print("| variant | match (all) | shape | colour | background | position | PSNR dB vs PyTorch | SSIM |"
+          + "".join(f" {c} |" for c in extra))
+    print("|---|---|---|---|---|---|---|---|" + "---|" * len(extra))
+    for r in rows:
+        q = f"{r['psnr']:.1f} | {r['ssim']:.3f}" if "psnr" in r else "— | —"
+        print(f"| {r['variant']} | {r['all']:.0%} | {r['shape']:.0%} | {r['colour']:.0%} | {r['background']:.0%} "
+              f"| {r['position']:.0%} | {q} |" + "".join(f" {r.get(c, '—')} |" for c in extra))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="folder written by 'diffprism export tiny-shapes'")
@@ -61,25 +85,10 @@ def main() -> int:
     rows = [{"variant": "PyTorch", **check.rates(ref_matches)}]
     if args.grid:
         grid(prompts, [g.image for g in ref], args.grid)
-    for text in args.variant:
-        default = Placement.parse(text)
-        pipe = runners.pipeline(resolve(args.out, default, {}), default)
-        try:
-            matches, gens = check.generate_matches(pipe, prompts, geometry=read_geometry(args.out / ONNX_DIR), **kw)
-        finally:
-            close(pipe)
-        metrics = [image_metrics(r, g) for r, g in zip(ref, gens)]
-        rows.append({"variant": default.label, **check.rates(matches),
-                     "psnr": float(np.mean([min(m["psnr"], 100.0) for m in metrics])),
-                     "ssim": float(np.mean([m["ssim"] for m in metrics]))})
+    rows += [measure(runners, Placement.parse(text), prompts, ref, **kw) for text in args.variant]
     print(json.dumps(rows, indent=1))
     print(f"\n{len(prompts)} held-out prompts, {args.steps} steps, guidance {args.guidance_scale}\n")
-    print("| variant | match (all) | shape | colour | background | position | PSNR dB vs PyTorch | SSIM |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        q = f"{r['psnr']:.1f} | {r['ssim']:.3f}" if "psnr" in r else "— | —"
-        print(f"| {r['variant']} | {r['all']:.0%} | {r['shape']:.0%} | {r['colour']:.0%} | {r['background']:.0%} "
-              f"| {r['position']:.0%} | {q} |")
+    print_table(rows)
     return 0
 
 

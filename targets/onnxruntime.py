@@ -8,8 +8,8 @@ component with the `policy` option):
   fp16          every component fp16, with automatic fp32 islands
   bf16          bf16 weights, fp32 compute (ONNX Runtime's CPU provider has no bf16 kernels
                 for most ops)
-  int8          UNet static QDQ int8 (calibrated on the captured denoising inputs), VAE fp16,
-                text encoders dynamic int8
+  int8          UNet static QDQ int8 (calibrated on the captured denoising inputs; calibrate_method
+                MinMax, Entropy or Percentile), VAE fp16, text encoders dynamic int8
   int8-dynamic  UNet and text encoders dynamic int8, VAE fp16
   int4          UNet block-wise int4 weights (MatMulNBits), text encoders dynamic int8, VAE fp16
   pruned        UNet magnitude-pruned (unstructured, or structured with structured=true: tree
@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from exporters import reference
 from exporters.errors import SourceError, UsageError
 from exporters.export import ONNX_DIR, REFERENCE_DIR
 from exporters.onnx_writer import ONNX_NAME
+from exporters.precision.quantize import CALIBRATION_METHODS
 from exporters.spec import ComponentSpec
 from exporters.tree import TREE_INFO, read_tree_info, write_tree_info
 from targets.base import Availability, BuildResult, Inputs, Target, TargetConfig
@@ -63,6 +64,11 @@ class OrtConfig(TargetConfig):
     island_samples: int = 2  # inputs the island search runs on
     calibration: str = "capture"  # static int8 feeds: "capture" (<out>/calibration) or "reference"
     calibration_samples: int = 16  # captured feeds used for static int8 (spread over the steps)
+    # static int8 ranges: onnxruntime.quantization.CalibrationMethod MinMax | Entropy | Percentile.
+    # MinMax: best on trained tiny-shapes; Percentile 0.3 dB and Entropy 7 dB below it (docs/benchmarks.md)
+    calibrate_method: str = "MinMax"
+    calibrate_percentile: float = Field(99.999, gt=0.0, le=100.0)  # Percentile's CalibPercentile
+    calibrate_moving_average: bool = False  # MinMax's CalibMovingAverage
     per_channel: bool = True
     block_size: int = 32  # int4 block along K
     accuracy_level: int | None = None  # int4 CPU kernel compute type (4 = int8 activations)
@@ -73,6 +79,25 @@ class OrtConfig(TargetConfig):
     distill_steps: int = Field(20, ge=0)
     distill_lr: float = Field(1e-4, gt=0.0)
     distill_batch: int = Field(2, ge=1)
+
+    @field_validator("calibrate_method", mode="before")
+    @classmethod
+    def _method(cls, value: Any) -> Any:
+        """Any spelling of a CalibrationMethod member ('entropy', 'Entropy') is that member's name."""
+        names = {m.lower(): m for m in CALIBRATION_METHODS}
+        if not isinstance(value, str) or value.lower() not in names:
+            raise ValueError(f"unknown calibration method {value!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+        return names[value.lower()]
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> "OrtConfig":
+        # A setting the chosen method ignores would name a second variant with the same bytes.
+        default = type(self).model_fields["calibrate_percentile"].default
+        if self.calibrate_percentile != default and self.calibrate_method != "Percentile":
+            raise ValueError("calibrate_percentile applies to calibrate_method=Percentile only")
+        if self.calibrate_moving_average and self.calibrate_method != "MinMax":
+            raise ValueError("calibrate_moving_average applies to calibrate_method=MinMax only")
+        return self
 
 
 class OnnxRuntimeTarget(Target):
@@ -228,7 +253,10 @@ def build_component(src: Path, dst: Path, spec: ComponentSpec, method: str, conf
         feeds, details["calibration"] = feeds_for(out, spec, config.calibration, config.calibration_samples)
         details["calibration_samples"] = len(feeds)
         prepared = quantize.prepare(src, work / "prepared")
-        quantize.static_int8(prepared, work / "q" / ONNX_NAME, feeds, per_channel=config.per_channel)
+        quantize.static_int8(prepared, work / "q" / ONNX_NAME, feeds, per_channel=config.per_channel,
+                             method=config.calibrate_method, percentile=config.calibrate_percentile,
+                             moving_average=config.calibrate_moving_average)
+        details["calibrate_method"] = config.calibrate_method
         graph.save(graph.load(work / "q"), dst)  # one data file named as in the tree
     elif method == "int8-dynamic":
         quantize.dynamic_int8(src, work / "q" / ONNX_NAME, work, per_channel=config.per_channel)

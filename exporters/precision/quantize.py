@@ -3,11 +3,13 @@
 ONNX Runtime recommends pre-processing (optimization + shape inference) before quantizing;
 `prepare` does that, and falls back to ONNX shape inference alone when the symbolic pass
 cannot follow a graph. Static int8 runs in two steps that never hold the model together:
-`calibrate` (ONNX Runtime's MinMax calibrator, writing its calibration cache) and then
-`quantize_static` reading that cache.
+`calibrate` (ONNX Runtime's calibrator for the chosen CalibrationMethod, writing its
+calibration cache) and then `quantize_static` reading that cache.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from exporters.errors import ExportError
+from exporters.errors import ExportError, UsageError
 from exporters.files import working_dir
 from exporters.onnx_writer import ONNX_NAME
 from exporters.precision import graph
@@ -23,6 +25,8 @@ from exporters.precision import graph
 log = logging.getLogger(__name__)
 
 STATIC_OPS = ("Conv", "MatMul", "Gemm")
+# onnxruntime.quantization.CalibrationMethod members offered for int8 (Distribution is for fp8 only).
+CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")
 SYMBOLIC_SHAPE_LIMIT = 1 << 30  # weight bytes above which quant_pre_process skips its symbolic pass
 
 
@@ -74,20 +78,32 @@ class FeedReader:
 
 
 def calibrate(prepared: Path, feeds: Sequence[Mapping[str, np.ndarray]], ranges: Path,
-              op_types: Sequence[str] = STATIC_OPS) -> Path:
-    """Min/max of every tensor the quantizer reads, written as ONNX Runtime's calibration cache.
+              op_types: Sequence[str] = STATIC_OPS, *, method: str = "MinMax", percentile: float = 99.999,
+              moving_average: bool = False) -> Path:
+    """Ranges of every tensor the quantizer reads, written as ONNX Runtime's calibration cache.
 
-    ONNX Runtime's calibrator exposes a ReduceMin/ReduceMax of each such tensor as a graph
-    output. In the session's default (depth-first) execution order those reductions run after
-    the main chain, so every calibrated activation stays alive until the end of the call: an
-    SD 1.5 UNet at 512 px passed 20 GB. The priority-based order runs each reduction as soon
+    `method` names an onnxruntime.quantization.CalibrationMethod; each calibrator is built with
+    the settings quantize_static would give it (`percentile` is its CalibPercentile,
+    `moving_average` its CalibMovingAverage for MinMax).
+
+    MinMax: ONNX Runtime's calibrator exposes a ReduceMin/ReduceMax of each such tensor as a
+    graph output. In the session's default (depth-first) execution order those reductions run
+    after the main chain, so every calibrated activation stays alive until the end of the call:
+    an SD 1.5 UNet at 512 px passed 20 GB. The priority-based order runs each reduction as soon
     as its input exists, and the same call peaks at 6 GB.
+
+    Entropy and Percentile histogram the activations themselves, which the calibrator returns
+    as graph outputs; the feeds go in one at a time (the collector merges histograms across
+    calls) so only one call's activations are held at once.
     """
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, MinMaxCalibrater, save_tensors_data
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, MinMaxCalibrater, save_tensors_data
+    from onnxruntime.quantization.calibrate import create_calibrator
 
     if not feeds:
         raise ExportError("static int8 needs calibration feeds", "run 'diffprism calibrate DIR' first")
+    if method not in CALIBRATION_METHODS:
+        raise UsageError(f"unknown calibration method '{method}'", f"choose from {', '.join(CALIBRATION_METHODS)}")
 
     class Calibrator(MinMaxCalibrater):
         def create_inference_session(self):
@@ -101,19 +117,34 @@ def calibrate(prepared: Path, feeds: Sequence[Mapping[str, np.ndarray]], ranges:
 
     ranges = ranges.resolve()
     with tempfile.TemporaryDirectory(dir=ranges.parent) as tmp:
-        calibrator = Calibrator(prepared.resolve(), list(op_types), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                use_external_data_format=True)
-        calibrator.augment_graph()
-        calibrator.create_inference_session()
-        calibrator.collect_data(Reader(feeds))
-        save_tensors_data(calibrator.compute_data(), ranges)
+        augmented = str(Path(tmp) / "augmented.onnx")
+        if method == "MinMax":
+            calibrator = Calibrator(prepared.resolve(), list(op_types), augmented_model_path=augmented,
+                                    use_external_data_format=True, moving_average=moving_average)
+            calibrator.augment_graph()
+            calibrator.create_inference_session()
+            batches = [feeds]
+        else:
+            calibrator = create_calibrator(prepared.resolve(), list(op_types), augmented_model_path=augmented,
+                                           calibrate_method=CalibrationMethod[method], use_external_data_format=True,
+                                           extra_options={"percentile": percentile})
+            batches = [[feed] for feed in feeds]
+        chatter = io.StringIO()  # the histogram collector prints progress; stdout belongs to the CLI
+        with contextlib.redirect_stdout(chatter):
+            for batch in batches:
+                calibrator.collect_data(Reader(batch))
+            data = calibrator.compute_data()
+        log.debug("%s calibration: %s", method, chatter.getvalue().strip())
+        save_tensors_data(data, ranges)
         del calibrator
     return ranges
 
 
 def static_int8(prepared: Path, out: Path, feeds: Sequence[Mapping[str, np.ndarray]], *, per_channel: bool = True,
-                exclude: Sequence[str] = (), op_types: Sequence[str] = STATIC_OPS) -> Path:
-    """QDQ int8 of the compute-heavy ops: uint8 activations calibrated (min/max) on `feeds`, int8 weights.
+                exclude: Sequence[str] = (), op_types: Sequence[str] = STATIC_OPS, method: str = "MinMax",
+                percentile: float = 99.999, moving_average: bool = False) -> Path:
+    """QDQ int8 of the compute-heavy ops: uint8 activations calibrated on `feeds` (`method`, see
+    `calibrate`), int8 weights.
 
     Only `op_types` are quantized: elementwise and shape ops gain nothing from int8 on CPU
     and cost accuracy.
@@ -123,10 +154,11 @@ def static_int8(prepared: Path, out: Path, feeds: Sequence[Mapping[str, np.ndarr
     prepared, out = prepared.resolve(), out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     with working_dir(out.parent / "tmp"):
-        ranges = calibrate(prepared, feeds, out.parent / "tmp" / "ranges.json", op_types)
+        ranges = calibrate(prepared, feeds, out.parent / "tmp" / "ranges.json", op_types, method=method,
+                           percentile=percentile, moving_average=moving_average)
         quantize_static(str(prepared), str(out), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(op_types),
+                        calibrate_method=CalibrationMethod[method], op_types_to_quantize=list(op_types),
                         nodes_to_exclude=list(exclude) or None, use_external_data_format=True,
                         calibration_cache_path=str(ranges))
     return out

@@ -253,3 +253,59 @@ def test_calibration_session_runs_reductions_early(exported, tmp_path, monkeypat
 
     data = load_tensors_data(ranges)
     assert len(data.data) > 0 and all(np.all(d.range_value[0] <= d.range_value[1]) for d in data.data.values())
+
+
+def test_calibration_methods_are_onnxruntime_members():
+    from onnxruntime.quantization import CalibrationMethod
+
+    assert all(m in CalibrationMethod.__members__ for m in quantize.CALIBRATION_METHODS)
+
+
+@pytest.mark.parametrize("method", ["Entropy", "Percentile"])
+def test_histogram_calibration_matches_onnxruntime_inline(exported, tmp_path, method):
+    """Entropy/Percentile calibrated in their own step give the QDQ graph quantize_static's inline
+    calibrator gives with the same method (one feed: the per-feed histogram merge is then a no-op)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, load_tensors_data, quantize_static
+
+    src = exported("tiny-sd") / "onnx" / "text_encoder"
+    feeds, refs = _cases(exported, "text_encoder")
+    prepared = quantize.prepare(src, tmp_path / "prep")
+    ours = quantize.static_int8(prepared, tmp_path / "ours" / "model.onnx", feeds[:1], method=method)
+    inline = tmp_path / "inline" / "model.onnx"
+    inline.parent.mkdir()
+    quantize_static(str(prepared), str(inline), quantize.FeedReader(feeds[:1]), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod[method], op_types_to_quantize=list(quantize.STATIC_OPS),
+                    use_external_data_format=True)
+    got, want = _initializers(ours), _initializers(inline)
+    assert [n for n in want if n.endswith("_scale")] and got.keys() == want.keys()
+    assert all(np.array_equal(got[n], want[n]) for n in want)
+    ranges = load_tensors_data(quantize.calibrate(prepared, feeds[:1], tmp_path / "r.json", method=method))
+    assert ranges.calibration_method == CalibrationMethod[method]
+    assert _worst(ours, feeds, refs) < 0.2
+
+
+def test_calibration_methods_give_different_ranges(exported, tmp_path, capsys):
+    """Percentile clips the tails MinMax keeps: its bound is never past MinMax's largest magnitude,
+    and for most tensors well inside it. The histogram collector's progress prints stay off stdout."""
+    from onnxruntime.quantization import load_tensors_data
+
+    feeds, _ = _cases(exported, "unet")
+    prepared = quantize.prepare(exported("tiny-sd") / "onnx" / "unet", tmp_path / "prep")
+    minmax = load_tensors_data(quantize.calibrate(prepared, feeds[:2], tmp_path / "mm.json")).data
+    pct = load_tensors_data(quantize.calibrate(prepared, feeds[:2], tmp_path / "p.json", method="Percentile",
+                                               percentile=99.0)).data
+    assert capsys.readouterr().out == ""
+    assert minmax.keys() == pct.keys()
+    bound = {n: (float(np.max(np.abs(minmax[n].range_value))), float(np.max(np.abs(pct[n].range_value))))
+             for n in minmax}
+    assert all(p <= m * (1 + 1e-6) for m, p in bound.values())
+    assert sum(p < 0.9 * m for m, p in bound.values()) > len(bound) // 2
+
+
+def test_unknown_calibration_method_names_the_choices(exported, tmp_path):
+    from exporters.errors import UsageError
+
+    feeds, _ = _cases(exported, "text_encoder")
+    with pytest.raises(UsageError, match="MinMax, Entropy, Percentile"):
+        quantize.calibrate(tmp_path / "x.onnx", feeds[:1], tmp_path / "r.json", method="KL")

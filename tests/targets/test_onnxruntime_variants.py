@@ -111,3 +111,70 @@ def test_int8_dynamic_passes_the_image_check(built, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert code == 0, doc
     assert doc["e2e"][0]["passed"] and doc["e2e"][0]["precision"] == "int8-dynamic"
+
+
+# Static int8 with each of ONNX Runtime's calibration methods (MinMax is the default variant, built above).
+METHODS = ("Entropy", "Percentile")
+
+
+@pytest.fixture(scope="module")
+def calibrated(built):
+    out, results = built
+    found = {"MinMax": results["int8"]}
+    for method in METHODS:
+        found[method] = compile_job(out, target="onnxruntime", precision="int8", components=["unet"],
+                                    options={"calibrate_method": method})
+    return out, found
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_calibration_method_is_its_own_variant(calibrated, method):
+    from diffprism.variant import Variant
+
+    out, found = calibrated
+    variant = Variant.of("onnxruntime", "int8", {"calibrate_method": method.lower()})  # any spelling
+    assert variant == Variant.of("onnxruntime", "int8", {"calibrate_method": method})
+    assert variant.options == {"calibrate_method": method} and variant.digest
+    assert found[method].out_dir == variant.folder(out) != out / "onnx-int8"
+    assert len({r.out_dir for r in found.values()}) == len(found)  # the variants coexist
+    entry = manifest.load(out)["targets"][variant.key]
+    assert entry["details"]["unet"]["calibrate_method"] == method
+    assert found["MinMax"].details["unet"]["calibrate_method"] == "MinMax"
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {
+        n.op_type for n in onnx.load(str(variant.folder(out) / "unet" / "model.onnx"), load_external_data=False).graph.node}
+    result = validate_job(out, target="onnxruntime", precision="int8", components=["unet"],
+                          runner_options={"calibrate_method": method})
+    assert result.passed, [c.to_json() for c in result.comparisons if not c.passed]
+    assert manifest.load(out)["validation"][variant.key]["passed"]
+
+
+def test_calibration_methods_quantize_differently(calibrated):
+    from onnx import numpy_helper
+
+    out, found = calibrated
+
+    def scales(result):
+        model = onnx.load(str(result.out_dir / "unet" / "model.onnx"))
+        return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_scale")}
+
+    got = {m: scales(r) for m, r in found.items()}
+    assert got["Entropy"].keys() == got["MinMax"].keys()
+    for method in METHODS:  # activation scales follow the method's ranges
+        assert any(not (got[method][n] == got["MinMax"][n]).all() for n in got["MinMax"])
+
+
+def test_unknown_calibration_method_names_the_choices():
+    from diffprism.variant import Variant
+
+    with pytest.raises(UsageError, match="calibrate_method.*MinMax, Entropy, Percentile"):
+        Variant.of("onnxruntime", "int8", {"calibrate_method": "kl"})
+
+
+def test_a_setting_the_method_ignores_is_refused():
+    from diffprism.variant import Variant
+
+    with pytest.raises(UsageError, match="calibrate_method=Percentile only"):
+        Variant.of("onnxruntime", "int8", {"calibrate_percentile": 99.9})
+    with pytest.raises(UsageError, match="calibrate_method=MinMax only"):
+        Variant.of("onnxruntime", "int8", {"calibrate_method": "Entropy", "calibrate_moving_average": True})
+    assert Variant.of("onnxruntime", "int8", {"calibrate_method": "Percentile", "calibrate_percentile": 99.9}).digest
