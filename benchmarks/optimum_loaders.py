@@ -100,7 +100,7 @@ def _torch_image(export: Path, size: tuple[int, int], args: argparse.Namespace, 
     """The source pipeline's image, in this interpreter (diffprism's venv)."""
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # a diffprism on PYTHONPATH comes first
     from importlib import metadata
 
     from diffprism import sources
