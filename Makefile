@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean optimum-venvs optimum-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,5 +40,27 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
 
+# optimum in its own venvs (it pins older transformers/diffusers than diffprism), from exact pins:
+# torch first, then the frozen set without dependency resolution (see benchmarks/optimum-*.txt).
+OPTIMUM_VENVS ?= $(HOME)/.cache/diffprism/venvs
+OPTIMUM_OUT ?= optimum-out
+
+$(OPTIMUM_VENVS)/%/.installed: benchmarks/%.txt
+	$(PY) -m venv $(OPTIMUM_VENVS)/$*
+	$(OPTIMUM_VENVS)/$*/bin/pip install --quiet torch==2.13.0
+	$(OPTIMUM_VENVS)/$*/bin/pip install --quiet --no-deps -r $<
+	touch $@
+
+optimum-venvs: $(OPTIMUM_VENVS)/optimum-onnx/.installed $(OPTIMUM_VENVS)/optimum-intel/.installed
+
+# tiny-sd and tiny-sdxl exported and compiled for OpenVINO, then loaded in optimum's ORT and OV pipelines.
+optimum-check: $(STAMP) optimum-venvs
+	for p in tiny-sd tiny-sdxl; do \
+	  $(BIN)/diffprism -q export $$p --out $(OPTIMUM_OUT)/$$p && \
+	  $(BIN)/diffprism -q compile $(OPTIMUM_OUT)/$$p --target openvino --precision fp32 || exit 1; \
+	done
+	DIFFPRISM_VENVS=$(OPTIMUM_VENVS) $(BIN)/python benchmarks/optimum_loaders.py $(OPTIMUM_OUT)/tiny-sd $(OPTIMUM_OUT)/tiny-sdxl \
+	  --json $(OPTIMUM_OUT)/loaders.json
+
 clean:
-	rm -rf $(DEMO_OUT) bench-out
+	rm -rf $(DEMO_OUT) bench-out $(OPTIMUM_OUT)
