@@ -19,7 +19,6 @@ Precisions (inputs and outputs stay float32, so runners and pipelines need no ch
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -28,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from exporters import reference
 from exporters.errors import ExportError, SourceError, UsageError
@@ -49,8 +47,6 @@ INT8_EXTRA = "pip install 'diffprism[aotinductor]' (torchao)"
 class AotInductorConfig(TargetConfig):
     device: str | None = None  # cpu or cuda; None: cuda when a CUDA GPU is visible, else cpu
     torch_version: str | None = None  # the torch build the packages are for; None: this machine's
-    # -O0 instead of inductor's -O3 for the generated C++: far faster builds, slower packages (tests)
-    debug_compile: bool = False
 
 
 def torch_version() -> str:
@@ -130,7 +126,6 @@ class AotInductorTarget(Target):
             "torch_version": config.torch_version or torch_version(),
             "quantization": "torchao Int8DynamicActivationInt8WeightConfig (nn.Linear)"
                             if config.precision == "int8" else None,
-            "inductor_configs": _inductor_configs(config.debug_compile),
             "tree": str(tree),
             "family": info.get("family"),
             "dir": self.output_dir(Path("."), config).name,
@@ -192,44 +187,17 @@ class AotInductorTarget(Target):
         return {"ok": not problems, "problems": problems, "bytes": package.stat().st_size if package.is_file() else 0}
 
 
-def _inductor_configs(debug_compile: bool) -> dict[str, Any]:
-    return {"aot_inductor.debug_compile": True} if debug_compile else {}
-
-
-def _program(source: Any, spec: ComponentSpec, precision: str, device: str):
+def _program(source: Any, spec: ComponentSpec, precision: str, device: str) -> torch.export.ExportedProgram:
     """The component's torch.export program in the variant's precision, on its device."""
-    from exporters.families import exporter_for
-    from exporters.trace import trace
+    from targets.torch_program import traced_program
 
-    exporter = exporter_for(source, spec.name)
-    module = exporter.module(source)
-    if precision != "fp32":  # never change the caller's pipeline
-        module = copy.deepcopy(module)
-    if precision == "int8":
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-
-        quantize_(module, Int8DynamicActivationInt8WeightConfig())
-    wrapper = exporter.wrap(module, spec)
-    if precision == "bf16":
-        wrapper = _Bf16(wrapper)
-    program = trace(wrapper, spec)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    program = traced_program(source, spec, dtype, int8=precision == "int8")
     if device != "cpu":
         from torch.export.passes import move_to_device_pass
 
         program = move_to_device_pass(program, device)
     return program
-
-
-class _Bf16(nn.Module):
-    """The module in bf16 between casts: float inputs to bf16 on the way in, outputs to float32 on the way out."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner.to(torch.bfloat16)
-
-    def forward(self, *args):
-        out = self.inner(*[a.to(torch.bfloat16) if a.is_floating_point() else a for a in args])
-        return out.float() if isinstance(out, torch.Tensor) else tuple(o.float() for o in out)
 
 
 def _build_component(source: Any, spec: ComponentSpec, plan: dict[str, Any], path: Path, out: Path) -> dict[str, Any]:
@@ -245,7 +213,7 @@ def _build_component(source: Any, spec: ComponentSpec, plan: dict[str, Any], pat
     path.parent.mkdir(parents=True, exist_ok=True)
     facts = {"component": spec.name, "precision": plan["precision"], "device": plan["device"],
              "torch_version": plan["torch_version"]}
-    configs = {**plan["inductor_configs"], "aot_inductor.metadata": {f"diffprism.{k}": v for k, v in facts.items()}}
+    configs = {"aot_inductor.metadata": {f"diffprism.{k}": v for k, v in facts.items()}}
     try:
         with torch.no_grad():
             torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
