@@ -48,6 +48,13 @@ VARIANTS: dict[str, tuple[str | None, str, list[str], dict]] = {
 }
 
 
+def records(work: Path) -> Path:
+    """Where the benchmark keeps its own files: beside the export, never inside it (the manifest owns that)."""
+    folder = work.with_name(work.name + "-bench")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def run(cmd: list[str]) -> tuple[int, float, int]:
     """(exit code, wall seconds, peak RSS bytes of the command and its children)."""
     return run_sampled(cmd, cwd=ROOT)
@@ -74,7 +81,7 @@ def variant_folder(work: Path, variant: str, size: int) -> Path | None:
 def prepare(work: Path, preset: str, size: int, num_prompts: int, steps: int) -> dict[str, dict]:
     """Export, calibrate and build every variant; {variant: {"build_s", "build_peak_rss_gb"} or {"error"}}."""
     builds: dict[str, dict] = {}
-    record = work / "builds.json"
+    record = records(work) / "builds.json"
     if record.is_file():
         builds = json.loads(record.read_text())
     if not (work / "onnx").is_dir():
@@ -89,7 +96,7 @@ def prepare(work: Path, preset: str, size: int, num_prompts: int, steps: int) ->
             raise SystemExit("calibration failed")
     for variant, (target, precision, options, _) in VARIANTS.items():
         folder = variant_folder(work, variant, size)
-        if target in (None, "onnxruntime") or (folder is not None and folder.is_dir()) or "error" in builds.get(variant, {}):
+        if target in (None, "onnxruntime") or (folder is not None and folder.is_dir()):
             continue
         print(f"compiling {variant} ...", flush=True)
         extra = static_options(size) if "static" in options else []
@@ -133,8 +140,8 @@ def child_measure(work: Path, preset: str, variant: str, size: int, runs: int) -
             start = time.perf_counter()
             out = runner.infer(feed)
             times.append(time.perf_counter() - start)
-    np.save(work / "bench" / f"{variant}.npy", out["out_sample"])
-    (work / "bench" / f"{variant}.json").write_text(json.dumps({"times": times, "runner": runner.describe()}))
+    np.save(records(work) / f"{variant}.npy", out["out_sample"])
+    (records(work) / f"{variant}.json").write_text(json.dumps({"times": times, "runner": runner.describe()}))
 
 
 def artifact_bytes(work: Path, variant: str, size: int) -> int:
@@ -146,7 +153,6 @@ def artifact_bytes(work: Path, variant: str, size: int) -> int:
 def measure(work: Path, preset: str, size: int, runs: int, builds: dict[str, dict]) -> dict[str, dict]:
     from validation.metrics import cosine, rel_l2
 
-    (work / "bench").mkdir(exist_ok=True)
     rows: dict[str, dict] = {}
     for variant in VARIANTS:
         build = builds.get(variant, {})
@@ -159,14 +165,14 @@ def measure(work: Path, preset: str, size: int, runs: int, builds: dict[str, dic
         if code:
             rows[variant] = {"error": f"measuring exited {code}"}
             continue
-        data = json.loads((work / "bench" / f"{variant}.json").read_text())
+        data = json.loads((records(work) / f"{variant}.json").read_text())
         rows[variant] = {"median_s": statistics.median(data["times"]), "min_s": min(data["times"]),
                          "peak_rss_gb": peak / 1e9, "size_gb": artifact_bytes(work, variant, size) / 1e9,
                          "runner": data["runner"], **build}
-    ref = np.load(work / "bench" / "torch-fp32.npy")
+    ref = np.load(records(work) / "torch-fp32.npy")
     for variant, row in rows.items():
         if "error" not in row:
-            out = np.load(work / "bench" / f"{variant}.npy")
+            out = np.load(records(work) / f"{variant}.npy")
             row["cosine"], row["rel_l2"] = cosine(ref, out), rel_l2(ref, out)
     return rows
 

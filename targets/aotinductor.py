@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,16 @@ class AotInductorTarget(Target):
             return Availability(False, f"torch._inductor cannot be imported ({exc})", "pip install torch==2.13.0")
         return Availability(True)
 
+    def build_availability(self) -> Availability:
+        """Compiling also needs a C++ compiler (inductor's: $CXX, else g++ or clang++); loading does not."""
+        here = self.availability()
+        if not here.ok:
+            return here
+        if not any(shutil.which(c) for c in filter(None, (os.environ.get("CXX"), "g++", "clang++", "c++"))):
+            return Availability(False, "AOTInductor needs a C++ compiler and none is on PATH",
+                                "install g++ (apt-get install g++) or set CXX")
+        return Availability(True)
+
     def precision_availability(self, precision: str) -> Availability:
         if precision != "int8":
             return Availability(True)
@@ -134,7 +146,7 @@ class AotInductorTarget(Target):
 
     # -- build -------------------------------------------------------------------------------
     def build(self, plan: dict[str, Any], out: Path, source: Any = None) -> BuildResult:
-        self.availability().require("AOTInductor")
+        self.build_availability().require("AOTInductor")
         self.precision_availability(plan["precision"]).require(f"AOTInductor {plan['precision']}")
         here = torch_version()
         if plan["torch_version"] != here:

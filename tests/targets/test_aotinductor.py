@@ -62,7 +62,7 @@ def test_plan_names_device_and_torch_and_takes_the_spec_dims(exported):
     assert other["dir"] == "aotinductor-fp32-cuda-torch2.12.0"
 
 
-def test_bad_requests_are_usage_errors(exported):
+def test_bad_requests_are_usage_errors(exported, monkeypatch):
     target = get_target("aotinductor")
     with pytest.raises(UsageError, match="no precision 'fp16'.*fp32, bf16, int8"):
         target.config(precision="fp16")
@@ -73,6 +73,13 @@ def test_bad_requests_are_usage_errors(exported):
     plan = target.plan(tree, {"text_encoder": specs["text_encoder"]}, target.config(torch_version="2.12.0"))
     with pytest.raises(UsageError, match="plan is for torch 2.12.0 but this machine has torch"):
         target.build(plan, exported("tiny-sd"), source=object())
+    # no C++ compiler: building is unavailable (with the fix), loading packages is not
+    import targets.aotinductor as aoti
+
+    monkeypatch.setattr(aoti.shutil, "which", lambda name: None)
+    here = target.build_availability()
+    assert not here.ok and "C++ compiler" in here.reason and "g++" in here.fix
+    assert target.availability().ok and target.runner_availability().ok
 
 
 # --- packages ------------------------------------------------------------------------------------
