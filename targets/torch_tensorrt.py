@@ -73,6 +73,8 @@ class TorchTensorRtTarget(Target):
     tools = ("torch", "torch_tensorrt")
     named_options = ("gpu", "torch_version")  # both are in the folder name
     gpu = True
+    runs_on = ("self-hosted", "linux", "x64", "gpu")  # the job compiles there; saving the programs runs anywhere
+    gitlab_tag = "gpu"
 
     def needs_source(self, config: TargetConfig) -> bool:
         return True  # saves the torch.export program, so it needs the pipeline
@@ -158,13 +160,14 @@ class TorchTensorRtTarget(Target):
             write_json_atomic(stage / PLAN_FILE, plan)
             write_bytes_atomic(stage / SCRIPT_FILE, build_script(plan).encode())
             (stage / SCRIPT_FILE).chmod(0o755)
-        files = sorted(p for p in final.rglob("*") if p.is_file())
         reason = "" if self.availability().ok else self.availability().reason
         if not reason:
             self._run_job(final)
             for name in details:
                 details[name]["built"] = (final / plan["components"][name]["output"]).is_file()
+            files = sorted(p for p in final.rglob("*") if p.is_file())
             return BuildResult(self.name, plan["precision"], final, files, details, "built with torch_tensorrt here")
+        files = sorted(p for p in final.rglob("*") if p.is_file())
         rel = final.relative_to(out).as_posix() if final.is_relative_to(out) else str(final)
         note = (f"programs saved, not compiled here ({reason}); run 'python {rel}/{SCRIPT_FILE}' on a GPU machine "
                 f"with torch {plan['torch_version']} and torch_tensorrt, then 'diffprism validate DIR --target "
