@@ -186,6 +186,8 @@ REGISTRY = {
     "tensorrt": "targets.tensorrt:TensorRtTarget",
     "coreml": "targets.coreml:CoreMlTarget",
     "web": "targets.web:WebTarget",
+    "aotinductor": "targets.aotinductor:AotInductorTarget",
+    "torch_tensorrt": "targets.torch_tensorrt:TorchTensorRtTarget",
 }
 
 

@@ -9,9 +9,9 @@ from diffprism.lock import folder_lock
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compile", help="build a target (onnxruntime, openvino, tensorrt, coreml, web) from the ONNX tree")
+    p = sub.add_parser("compile", help="build a target (onnxruntime, openvino, tensorrt, coreml, web, aotinductor, torch_tensorrt) from the export")
     p.add_argument("dir", type=out_dir, help="folder written by 'diffprism export'")
-    p.add_argument("--target", required=True, help="onnxruntime, openvino, tensorrt, coreml or web")
+    p.add_argument("--target", required=True, help="onnxruntime, openvino, tensorrt, coreml, web, aotinductor or torch_tensorrt")
     p.add_argument("--precision", default=None, help="precision variant (target default if omitted)")
     add_components(p)
     p.add_argument("--option", action="append", help="target option KEY=VALUE (repeatable), e.g. "

@@ -17,7 +17,7 @@ def register(sub) -> None:
     p = sub.add_parser("validate", help="compare built artifacts with PyTorch (exit 1 on any failure)")
     p.add_argument("dir", type=out_dir, help="folder written by 'diffprism export'")
     p.add_argument("--target", "--runtime", dest="target", default="onnxruntime",
-                   help="onnxruntime (default), openvino, tensorrt, coreml, web")
+                   help="onnxruntime (default), openvino, tensorrt, coreml, web, aotinductor, torch_tensorrt")
     p.add_argument("--precision", default=None, help="variant to validate (default: the target's, fp32; Core ML fp16)")
     add_components(p)
     p.add_argument("--rel-l2", type=float, help="override the relative L2 bound for this run")
