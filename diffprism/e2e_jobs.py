@@ -22,7 +22,8 @@ from exporters.errors import UsageError
 from exporters.files import write_bytes_atomic, write_json_atomic
 from exporters.reference import save_npz
 from exporters.tree import geometry as tree_geometry
-from runtimes.pipeline import Generation, Request, close, generate, initial_latents, runners as pipeline_runners
+from runtimes.pipeline import (Generation, Request, close, for_export, generate, initial_latents,
+                               runners as pipeline_runners)
 from validation import report
 from validation.e2e import E2EResult, check_pipeline
 from validation.policy import loosest
@@ -96,6 +97,7 @@ def generate_job(out: Path, request: Request, *, default: Placement, overrides: 
                  image_path: Path, runner_options: Mapping[str, Any] | None = None,
                  progress: Progress | None = None) -> dict[str, Any]:
     placements = resolve(out, default, overrides or {})
+    request = for_export(request, tree_specs(out)[1])
     label = mix_label(placements)
     runners = Runners(out, runner_options)
     if progress:
@@ -165,6 +167,8 @@ def e2e_work(out: Path, variants: Sequence[Mapping[str, Placement]], requests: S
     """The images and verdicts of e2e_job, recorded nowhere: (results, PyTorch generations, their PNG paths)."""
     if not requests:
         raise UsageError("no prompts for the end-to-end check", "pass at least one --e2e-prompt")
+    specs = tree_specs(out)[1]
+    requests = [for_export(r, specs) for r in requests]  # the exported T5 length, for references too
     reference = reference_generations(out, runners, requests, progress)
     ref_images = [_save_png(out, f"{REPORT_DIR}/{IMAGES}/{TORCH}/{i}.png", g) for i, g in enumerate(reference)]
     results = []

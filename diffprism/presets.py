@@ -15,6 +15,7 @@ import torch
 from exporters.errors import SourceError
 
 TOKENIZER_MAX_LENGTH = 77
+T5_MAX_LENGTH = 512  # the T5 tokenizer's limit; each pipeline pads to its own max_sequence_length
 
 
 def tokenizer():
@@ -24,6 +25,30 @@ def tokenizer():
     root = resources.files("diffprism") / "assets" / "tokenizer"
     with resources.as_file(root / "vocab.json") as vocab, resources.as_file(root / "merges.txt") as merges:
         return CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=TOKENIZER_MAX_LENGTH)
+
+
+def t5_tokenizer():
+    """T5 unigram tokenizer over the small vocabulary shipped with the package (no sentencepiece model)."""
+    import json
+
+    from transformers import T5TokenizerFast
+
+    data = json.loads((resources.files("diffprism") / "assets" / "t5_tokenizer" / "vocab.json").read_text("utf-8"))
+    vocab = [(piece, float(score)) for piece, score in data["vocab"]]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def _t5_encoder(seed: int, **overrides):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = dict(
+        vocab_size=len(t5_tokenizer()), d_model=64, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(**cfg)).eval()
 
 
 def _text_encoder(seed: int, with_projection: bool = False, **overrides):
@@ -96,6 +121,54 @@ def _euler():
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+
+
+def _flow_match(**kw):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**kw)
+
+
+def _flow_vae(seed: int, scaling_factor: float, shift_factor: float):
+    # SD3 and Flux VAEs: 16 latent channels, no quant convs, a shift as well as a scale.
+    return _vae(seed, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                scaling_factor=scaling_factor, shift_factor=shift_factor)
+
+
+def tiny_sd3(seed: int = 0):
+    """SD3 style: CLIP-L/G with projection (penultimate hidden states), a T5 encoder, an MMDiT, a 16-channel VAE."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=32,
+    ).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=_flow_match(shift=3.0), vae=_flow_vae(seed + 1, 1.5305, 0.0609),
+        text_encoder=_text_encoder(seed + 2, with_projection=True), tokenizer=tokenizer(),
+        text_encoder_2=_text_encoder(seed + 3, with_projection=True), tokenizer_2=tokenizer(),
+        text_encoder_3=_t5_encoder(seed + 4), tokenizer_3=t5_tokenizer(),
+    )
+
+
+def tiny_flux(seed: int = 0):
+    """Flux.1-dev style: CLIP-L (pooled), T5 (sequence), a guidance-distilled transformer over packed 2x2 latents."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    scheduler = _flow_match(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                            base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=_flow_vae(seed + 1, 0.3611, 0.1159),
+        text_encoder=_text_encoder(seed + 2), tokenizer=tokenizer(),
+        text_encoder_2=_t5_encoder(seed + 3), tokenizer_2=t5_tokenizer(),
+    )
 
 
 def tiny_sd(seed: int = 0):
@@ -194,6 +267,8 @@ PRESETS = {
         Preset("tiny-sd2", tiny_sd2, "SD 2.x style (v-prediction, linear projection), tiny", True),
         Preset("tiny-sdxl", tiny_sdxl, "SDXL style (two text encoders, text_time), tiny", True),
         Preset("tiny-shapes", tiny_shapes, "SD 1.x style, tiny, trained to draw coloured shapes (32 px)", True),
+        Preset("tiny-sd3", tiny_sd3, "SD3 style (CLIP-L/G + T5, MMDiT, 16-channel VAE), tiny", True),
+        Preset("tiny-flux", tiny_flux, "Flux.1-dev style (CLIP-L + T5, packed latents, guidance embedding), tiny", True),
         Preset("sd15-random", sd15_random, "SD 1.5 architecture, random weights (benchmarks)", False),
         Preset("sdxl-random", sdxl_random, "SDXL architecture, random weights (benchmarks)", False),
     )

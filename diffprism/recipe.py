@@ -96,12 +96,14 @@ class ShapesSection(_Model):
     batch: str = Field(default_factory=_default_batch)  # images per call, as `diffprism export --batch`
     size: str | None = None
     sequence: str | None = None
+    t5_sequence: str | None = None
 
     def request(self) -> ShapeRequest:
         return ShapeRequest(
             batch=ShapeRequest.parse_range(self.batch, "batch"),
             image=ShapeRequest.parse_range(self.size, "size") if self.size else None,
             sequence=ShapeRequest.parse_range(self.sequence, "sequence") if self.sequence else None,
+            t5_sequence=ShapeRequest.parse_range(self.t5_sequence, "t5 sequence") if self.t5_sequence else None,
         )
 
 

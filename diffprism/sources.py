@@ -21,7 +21,7 @@ from exporters.families import SUPPORTED, family_of
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-COMPONENT_DIRS = ("unet", "vae", "text_encoder", "text_encoder_2")
+COMPONENT_DIRS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 
 

@@ -2,7 +2,8 @@
 
 Every quantizer (OpenVINO/NNCF, ONNX Runtime QDQ, TensorRT int8) calibrates on the same
 capture: the pipeline runs in PyTorch over N prompts x the scheduler's steps, and hooks
-record the inputs of the UNet (every step, CFG batch, SDXL text_embeds/time_ids), the
+record the inputs of the UNet or transformer (every step, CFG batch, SDXL text_embeds/time_ids,
+Flux's packed latents, position ids and guidance), the
 VAE decoder (final latents), the text encoders (token ids) and the VAE encoder (fed the
 decoded images, the closest thing to real images a text-to-image run has). Feeds are
 named and typed as the component's ComponentSpec inputs, so they go straight into a
@@ -26,7 +27,7 @@ from exporters.errors import SourceError, UsageError
 from exporters.files import staged_dir, write_json_atomic
 from exporters.geometry import Geometry
 from exporters.reference import save_npz
-from exporters.spec import ComponentSpec
+from exporters.spec import ComponentSpec, dim_opt
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,17 @@ def _unet_values(args: tuple, kwargs: dict, forward: Callable) -> dict[str, Any]
     return values
 
 
+def _transformer_values(args: tuple, kwargs: dict, forward: Callable) -> dict[str, Any]:
+    """SD3/Flux: tensors by their forward names (the spec's); a scalar timestep or guidance per sample."""
+    a = _bound(forward, args, kwargs)
+    batch = a["hidden_states"].shape[0]
+    values = {k: v for k, v in a.items() if isinstance(v, torch.Tensor)}
+    for key in ("timestep", "guidance"):
+        if a.get(key) is not None:
+            values[key] = torch.as_tensor(a[key]).reshape(-1).float().expand(batch)
+    return values
+
+
 def _text_values(args: tuple, kwargs: dict, forward: Callable) -> dict[str, Any]:
     return {"input_ids": _bound(forward, args, kwargs)["input_ids"]}
 
@@ -109,6 +121,7 @@ def _text_values(args: tuple, kwargs: dict, forward: Callable) -> dict[str, Any]
 # Exporter kind -> the spec's inputs from a call of the module (forward args and kwargs).
 CAPTURE: dict[str, Callable[[tuple, dict, Callable], dict[str, Any]]] = {
     "unet": _unet_values, "clip_text": _text_values, "clip_text_projection": _text_values,
+    "t5_encoder": _text_values, "sd3_transformer": _transformer_values, "flux_transformer": _transformer_values,
 }
 
 
@@ -169,11 +182,13 @@ def capture(pipe: Any, out: Path, *, prompts: list[str] | None = None, steps: in
     recorder = _Recorder(specs)
     pipe.set_progress_bar_config(disable=True)
     seeds = [seed + i for i in range(len(prompts))]
+    t5 = dim_opt(specs, "t5_sequence")  # SD3/Flux pad T5 prompts to the exported length
+    options = {} if t5 is None else {"max_sequence_length": t5}
     with torch.no_grad(), _hooks(pipe, recorder):
         for i, (prompt, s) in enumerate(zip(prompts, seeds)):
             generator = torch.Generator("cpu").manual_seed(s)
             pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                 generator=generator, output_type="np")
+                 generator=generator, output_type="np", **options)
             log.info("calibration: ran prompt %d/%d", i + 1, len(prompts))
     empty = [name for name, feeds in recorder.feeds.items() if not feeds]
     if empty:

@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from exporters.errors import SourceError
-from exporters.spec import Axis, ComponentSpec, Dim, TensorSpec
+from exporters.spec import Axis, ComponentSpec, Dim, TensorSpec, derived
 
 if TYPE_CHECKING:
     from exporters.geometry import Geometry
 
 B = Axis("batch")
 S = Axis("sequence")
+T5 = Axis("t5_sequence")  # T5 tokens: their own dim, apart from CLIP's 77
 H = Axis("height")
 W = Axis("width")
 
@@ -39,6 +40,8 @@ class ComponentExporter(ABC):
 
     kind: str
     role: str = "other"  # "text_encoder", "denoiser" or "vae": what geometry asks the kind about
+    sequence_dim: str = "sequence"  # a text encoder's token dim (T5's is "t5_sequence")
+    latent_packing: int = 1  # a denoiser taking p x p latent patches packed into tokens (Flux: 2)
 
     def __init__(self, name: str, attribute: str | None = None, outputs: tuple[str, ...] = ()):
         self.name = name
@@ -75,8 +78,8 @@ class ComponentExporter(ABC):
         """(max sequence, vocab size) of a text encoder."""
         raise TypeError(f"{self.kind} is not a text encoder")
 
-    def latent_facts(self, module: nn.Module) -> tuple[int, int]:
-        """(latent multiple, default latent side) of a denoiser."""
+    def latent_facts(self, module: nn.Module) -> tuple[int, int | None]:
+        """(latent multiple, default latent side or None: the VAE's sample size) of a denoiser."""
         raise TypeError(f"{self.kind} is not a denoiser")
 
 
@@ -148,6 +151,46 @@ class ClipTextProjectionExporter(ClipTextExporter):
                 _f32("last_hidden_state", B, S, enc.config.hidden_size)]
 
 
+class _T5Wrapper(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids):
+        # Eager attention: the SDPA path leaves a transposed output whose reshape torch.onnx cannot
+        # decompose with a dynamic batch. Same math; set for this call only.
+        config = self.encoder.config
+        saved = config._attn_implementation
+        config._attn_implementation = "eager"
+        try:
+            return self.encoder(input_ids, return_dict=False)[0]
+        finally:
+            config._attn_implementation = saved
+
+
+class T5EncoderExporter(ComponentExporter):
+    """T5EncoderModel (SD3's text_encoder_3, Flux's text_encoder_2): input_ids -> last_hidden_state, as optimum names them."""
+
+    kind = "t5_encoder"
+    role = "text_encoder"
+    sequence_dim = "t5_sequence"
+
+    def spec(self, pipe, geometry, dims):
+        enc = self.module(pipe)
+        ids = TensorSpec("input_ids", "int64", (B, T5), value_range=(0, geometry.vocab_size[self.name]))
+        out = _f32("last_hidden_state", B, T5, enc.config.d_model)
+        return ComponentSpec(self.name, (ids,), (out,), (dims["batch"], dims["t5_sequence"]))
+
+    def wrap(self, module, spec):
+        return _T5Wrapper(module)
+
+    def text_facts(self, module, tokenizer):
+        vocab = module.config.vocab_size
+        if tokenizer is not None:
+            vocab = min(vocab, len(tokenizer))
+        return getattr(tokenizer, "model_max_length", 512), vocab
+
+
 # --- UNet ------------------------------------------------------------------------------
 
 
@@ -191,6 +234,97 @@ class UNetExporter(ComponentExporter):
     def latent_facts(self, module):
         ups = len(module.config.down_block_types) - 1
         return max(8, 2**ups), module.config.sample_size
+
+
+# --- diffusion transformers (DiT) ----------------------------------------------------------
+# Names, dims and dtypes follow optimum's SD3TransformerOnnxConfig and FluxTransformerOnnxConfig
+# (img_ids/txt_ids without a batch axis, int64), so optimum's ORT/OV pipelines load the tree.
+
+TEXT = Axis("text_sequence")  # SD3: CLIP tokens + T5 tokens, concatenated
+PACKED = Axis("packed")  # Flux: (latent height / 2) * (latent width / 2) tokens
+
+
+class _SD3Wrapper(nn.Module):
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+
+
+class SD3TransformerExporter(ComponentExporter):
+    """SD3Transformer2DModel (MMDiT) over patchified latents."""
+
+    kind = "sd3_transformer"
+    role = "denoiser"
+
+    def spec(self, pipe, geometry, dims):
+        c = self.module(pipe).config
+        seq, t5 = dims["sequence"], dims["t5_sequence"]
+        # The pipeline concatenates CLIP's tokens and T5's (zeros without T5) on the sequence axis.
+        text = Dim("text_sequence", seq.min + t5.min, seq.opt + t5.opt, seq.max + t5.max)
+        inputs = (
+            _f32("hidden_states", B, c.in_channels, H, W),
+            _f32("encoder_hidden_states", B, TEXT, c.joint_attention_dim),
+            _f32("pooled_projections", B, c.pooled_projection_dim),
+            TensorSpec("timestep", "float32", (B,), value_range=(0, 1000)),
+        )
+        outputs = (_f32("out_hidden_states", B, c.out_channels, H, W),)
+        return ComponentSpec(self.name, inputs, outputs, (dims["batch"], dims["height"], dims["width"], text))
+
+    def wrap(self, module, spec):
+        return _SD3Wrapper(module)
+
+    def latent_facts(self, module):
+        return module.config.patch_size, module.config.sample_size
+
+
+class _FluxWrapper(nn.Module):
+    def __init__(self, transformer: nn.Module, guidance: bool):
+        super().__init__()
+        self.transformer = transformer
+        self.guidance = guidance
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                guidance=None):
+        return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids,
+                                txt_ids=txt_ids, guidance=guidance if self.guidance else None,
+                                return_dict=False)[0]
+
+
+class FluxTransformerExporter(ComponentExporter):
+    """FluxTransformer2DModel over 2x2-packed latents, with a guidance input when guidance-distilled (dev)."""
+
+    kind = "flux_transformer"
+    role = "denoiser"
+    latent_packing = 2
+
+    def spec(self, pipe, geometry, dims):
+        c = self.module(pipe).config
+        packed = derived("packed", (dims["height"], dims["width"]), per=self.latent_packing)
+        inputs = [
+            _f32("hidden_states", B, PACKED, c.in_channels),  # 2x2 patches of in_channels / 4 each
+            _f32("encoder_hidden_states", B, T5, c.joint_attention_dim),
+            _f32("pooled_projections", B, c.pooled_projection_dim),
+            TensorSpec("timestep", "float32", (B,), value_range=(0, 1)),  # sigma; the model scales by 1000
+            TensorSpec("img_ids", "int64", (PACKED, 3), value_range=(0, 64)),
+            TensorSpec("txt_ids", "int64", (T5, 3), value_range=(0, 1)),
+        ]
+        if c.guidance_embeds:
+            inputs.append(TensorSpec("guidance", "float32", (B,), value_range=(1, 5)))
+        outputs = (_f32("out_hidden_states", B, PACKED, c.out_channels or c.in_channels),)
+        return ComponentSpec(self.name, tuple(inputs), outputs,
+                             (dims["batch"], dims["height"], dims["width"], packed, dims["t5_sequence"]))
+
+    def wrap(self, module, spec):
+        return _FluxWrapper(module, "guidance" in spec.input_names)
+
+    def latent_facts(self, module):
+        # Latents are packed 2x2 on top of the patch size; the model config has no sample size.
+        return module.config.patch_size * self.latent_packing, None
 
 
 # --- VAE -------------------------------------------------------------------------------
@@ -247,15 +381,18 @@ class VaeDecoderExporter(ComponentExporter):
 # --- registry --------------------------------------------------------------------------
 
 KINDS: dict[str, type[ComponentExporter]] = {
-    k.kind: k for k in (ClipTextExporter, ClipTextProjectionExporter, UNetExporter, VaeEncoderExporter,
-                        VaeDecoderExporter)
+    k.kind: k for k in (ClipTextExporter, ClipTextProjectionExporter, T5EncoderExporter, UNetExporter,
+                        SD3TransformerExporter, FluxTransformerExporter, VaeEncoderExporter, VaeDecoderExporter)
 }
 
 # Module class name -> kind. A subclass finds its kind through its base classes (kind_of).
 KIND_BY_CLASS: dict[str, str] = {
     "CLIPTextModel": "clip_text",
     "CLIPTextModelWithProjection": "clip_text_projection",
+    "T5EncoderModel": "t5_encoder",
     "UNet2DConditionModel": "unet",
+    "SD3Transformer2DModel": "sd3_transformer",
+    "FluxTransformer2DModel": "flux_transformer",
 }
 
 

@@ -110,6 +110,14 @@ def _export_streamed(exporter: Any, module: Any, spec: ComponentSpec, directory:
     return exporter.wrap(module, spec), path
 
 
+def _source_dir(pipe: Any, source_info: dict[str, Any] | None) -> Path | None:
+    """The local folder the pipeline was loaded from, if any (its tokenizer files are copied)."""
+    for candidate in ((source_info or {}).get("path"), getattr(pipe, "name_or_path", None)):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
 def export_pipeline(
     pipe: Any,
     out: Path,
@@ -144,7 +152,7 @@ def export_pipeline(
             log.info("exported %s in %.1fs (%d bytes)", name, result.components[-1].seconds, size)
             del wrapper
             gc.collect()
-        tree.write_pipeline_files(pipe, tree_dir, family.tokenizers)
+        tree.write_pipeline_files(pipe, tree_dir, family.tokenizers, _source_dir(pipe, source_info))
         info = {"family": family.name, "precision": "fp32", "opset": opset, "source": source_info or {},
                 "geometry": geometry.to_json()}
         tree.write_tree_info(tree_dir, info, specs)

@@ -23,6 +23,7 @@ class Component:
     tokenizer: str | None = None  # the tokenizer feeding a text encoder
     outputs: tuple[str, ...] = ()  # extra outputs the pipeline consumes ("hidden_states")
     generation: bool = True  # text-to-image runs it (the VAE encoder is for image-to-image)
+    t5_sequence: int = 0  # a T5 encoder: the tokens its pipeline pads to (the max_sequence_length default)
 
     @property
     def source(self) -> str:
@@ -35,6 +36,7 @@ class Family:
     pipeline_classes: tuple[str, ...]  # the first one is text-to-image
     components: tuple[Component, ...]
     guidance: bool  # the denoiser runs under classifier-free guidance (2 latents per image)
+    # (Flux has none: a guidance-distilled transformer takes the scale as an input instead)
 
     @property
     def tokenizers(self) -> tuple[str, ...]:
@@ -92,6 +94,24 @@ FAMILIES = (
         (_clip("text_encoder", "tokenizer", hidden_states=True), _clip("text_encoder_2", "tokenizer_2", True),
          Component("unet"), *VAE),
         guidance=True,
+    ),
+    # SD3/3.5: CLIP-L and CLIP-G with projection (pooled text_embeds + penultimate hidden state), a T5
+    # encoder (optional: the pipeline pads zeros without it), an MMDiT, a 16-channel VAE.
+    Family(
+        "sd3",
+        ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
+        (_clip("text_encoder", "tokenizer", True), _clip("text_encoder_2", "tokenizer_2", True),
+         Component("text_encoder_3", tokenizer="tokenizer_3", optional=True, t5_sequence=256),
+         Component("transformer"), *VAE),
+        guidance=True,
+    ),
+    # Flux.1: CLIP-L (pooled output), T5 (sequence), a transformer over 2x2-packed latents.
+    Family(
+        "flux",
+        ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
+        (_clip("text_encoder", "tokenizer"), Component("text_encoder_2", tokenizer="tokenizer_2", t5_sequence=512),
+         Component("transformer"), *VAE),
+        guidance=False,
     ),
 )
 

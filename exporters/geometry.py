@@ -27,6 +27,8 @@ class Geometry:
     vocab_size: Mapping[str, int] = field(default_factory=dict)  # per text encoder
     scaling_factor: float = 1.0  # VAE latents scaling
     shift_factor: float | None = None  # VAE latents shift (SD3, Flux)
+    t5_sequence: int = 0  # T5 tokens the pipeline pads to (SD3 256, Flux 512); 0: no T5 dim
+    latent_packing: int = 1  # the denoiser takes p x p latent patches packed into tokens (Flux: 2)
 
     @property
     def pixel_multiple(self) -> int:
@@ -57,26 +59,33 @@ def compute(pipe: Any, family: Any) -> Geometry:
     if vae is None:
         raise SourceError("the pipeline has no VAE, which relates pixels to latents", "load the whole pipeline")
     max_sequence, vocab = {}, {}
+    # The T5 length is the pipeline's padding (max_sequence_length), also when an optional T5 is absent.
+    t5_sequence = max((c.t5_sequence for c in family.components), default=0)
     denoiser = None
     for name in family.present(pipe):
         exporter = family.exporter(pipe, name)
         if exporter.role == "text_encoder":
             component = family.component(name)
             tokenizer = getattr(pipe, component.tokenizer, None) if component.tokenizer else None
-            max_sequence[name], vocab[name] = exporter.text_facts(exporter.module(pipe), tokenizer)
+            limit, vocab[name] = exporter.text_facts(exporter.module(pipe), tokenizer)
+            if exporter.sequence_dim == "t5_sequence":
+                t5_sequence = min(limit, component.t5_sequence or limit)
+            else:
+                max_sequence[name] = limit
         elif exporter.role == "denoiser":
             denoiser = exporter
     if denoiser is None:
         raise SourceError("the pipeline has no denoiser (UNet or transformer)", "load the whole pipeline")
     multiple, default_latent = denoiser.latent_facts(denoiser.module(pipe))
     c = vae.config
+    scale = 2 ** (len(c.block_out_channels) - 1)
     shift = c.get("shift_factor")
     return Geometry(
         family=family.name,
-        vae_scale_factor=2 ** (len(c.block_out_channels) - 1),
+        vae_scale_factor=scale,
         latent_channels=c.latent_channels,
         latent_multiple=multiple,
-        default_latent=default_latent,
+        default_latent=default_latent or c.sample_size // scale,
         denoiser=denoiser.name,
         denoiser_kind=denoiser.kind,
         guidance=family.guidance,
@@ -84,6 +93,8 @@ def compute(pipe: Any, family: Any) -> Geometry:
         vocab_size=vocab,
         scaling_factor=float(c.get("scaling_factor", 1.0)),
         shift_factor=None if shift is None else float(shift),
+        t5_sequence=t5_sequence,
+        latent_packing=denoiser.latent_packing,
     )
 
 
@@ -118,7 +129,16 @@ def dims_for(geometry: Geometry, shapes: ShapeRequest, exporter: Any) -> dict[st
             f"sequence length {seq[2]} exceeds {exporter.name}'s {limit} positions",
             f"use at most {limit}",
         )
-    return {"batch": batch, "height": height, "width": width, "sequence": Dim("sequence", *seq)}
+    dims = {"batch": batch, "height": height, "width": width, "sequence": Dim("sequence", *seq)}
+    if geometry.t5_sequence:
+        t5 = shapes.t5_sequence or (geometry.t5_sequence,) * 3
+        if t5[2] > geometry.t5_sequence:
+            raise ShapeError(
+                f"T5 sequence length {t5[2]} exceeds the pipeline's {geometry.t5_sequence} tokens",
+                f"use at most {geometry.t5_sequence}",
+            )
+        dims["t5_sequence"] = Dim("t5_sequence", *t5)
+    return dims
 
 
 def _round_down(value: int, multiple: int) -> int:

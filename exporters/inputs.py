@@ -37,6 +37,8 @@ def trace_values(spec: ComponentSpec) -> dict[str, int]:
     """
     values = {}
     for d in spec.dims:
+        if d.product_of:
+            continue  # a derived dim follows its sources (ComponentSpec.dim_values)
         value = d.opt
         if not d.is_static and value // max(d.multiple_of, 1) < 2:
             value = min(d.max, max(2, 2 * d.multiple_of))

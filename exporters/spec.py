@@ -24,8 +24,13 @@ class Dim:
     opt: int
     max: int
     multiple_of: int = 1
+    # A derived dim is the product of other dims, each divided by `per` (Flux's packed latent tokens are
+    # height/2 * width/2): its value at any point follows from theirs (see `derived`).
+    product_of: tuple[str, ...] = ()
+    per: int = 1
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "product_of", tuple(self.product_of))  # JSON gives a list
         if not (1 <= self.min <= self.opt <= self.max):
             raise ShapeError(
                 f"dim '{self.name}': need 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}",
@@ -61,8 +66,31 @@ class Dim:
                 f"use a multiple of {self.multiple_of}",
             )
 
+    def value_from(self, values: Mapping[str, int]) -> int:
+        """A derived dim's value given its source dims' values."""
+        product = 1
+        for name in self.product_of:
+            product *= values[name] // self.per
+        return product
+
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "min": self.min, "opt": self.opt, "max": self.max, "multiple_of": self.multiple_of}
+        data = {"name": self.name, "min": self.min, "opt": self.opt, "max": self.max, "multiple_of": self.multiple_of}
+        if self.product_of:
+            data.update(product_of=list(self.product_of), per=self.per)
+        return data
+
+
+def derived(name: str, sources: Iterable[Dim], per: int = 1) -> Dim:
+    """The dim that is the product of `sources`, each divided by `per`, over their ranges."""
+    sources = list(sources)
+    for d in sources:
+        if d.multiple_of % per:
+            raise ShapeError(f"dim '{d.name}' must be a multiple of {per} to derive '{name}'",
+                             f"use multiples of {per}")
+    ranges = [1, 1, 1]
+    for d in sources:
+        ranges = [r * (v // per) for r, v in zip(ranges, (d.min, d.opt, d.max))]
+    return Dim(name, *ranges, product_of=tuple(d.name for d in sources), per=per)
 
 
 @dataclass(frozen=True)
@@ -117,6 +145,9 @@ class ComponentSpec:
 
     def __post_init__(self) -> None:
         known = {d.name for d in self.dims}
+        for d in self.dims:
+            if any(src not in known for src in d.product_of):
+                raise ValueError(f"{self.name}: dim {d.name!r} is derived from dims not in the spec: {d.product_of}")
         for t in (*self.inputs, *self.outputs):
             for a in t.axes:
                 if isinstance(a, Axis) and a.dim not in known:
@@ -147,13 +178,23 @@ class ComponentSpec:
     def dim_values(self, point: str | Mapping[str, int] = "opt") -> dict[str, int]:
         """Values of every dim at a named point, with overrides from a mapping checked against the spec."""
         if isinstance(point, str):
-            return {d.name: d.at(point) for d in self.dims}
+            return self._derive({d.name: d.at(point) for d in self.dims}, set())
         values = {d.name: d.opt for d in self.dims}
+        given = set()
         for name, value in point.items():
             if name not in values:
                 continue  # a point may name dims of other components (e.g. sequence for the VAE)
             self.dim(name).check(int(value), self.name)
             values[name] = int(value)
+            given.add(name)
+        return self._derive(values, given)
+
+    def _derive(self, values: dict[str, int], given: set[str]) -> dict[str, int]:
+        """Derived dims follow their sources (unless the point names the derived value itself)."""
+        for d in self.dims:
+            if d.product_of and d.name not in given:
+                values[d.name] = d.value_from(values)
+                d.check(values[d.name], self.name)
         return values
 
     def shape(self, tensor: TensorSpec, values: Mapping[str, int]) -> tuple[int, ...]:
@@ -182,6 +223,8 @@ class ComponentSpec:
                 dims.append(Dim(d.name, lo, opt, hi, d.multiple_of))
             else:
                 dims.append(d)
+        by_name = {d.name: d for d in dims}
+        dims = [derived(d.name, [by_name[s] for s in d.product_of], d.per) if d.product_of else d for d in dims]
         return ComponentSpec(self.name, self.inputs, self.outputs, tuple(dims), self.meta)
 
     # -- feeds -------------------------------------------------------------------------
@@ -221,6 +264,12 @@ class ComponentSpec:
                         "give every input the same value for a shared dim",
                     )
                 self.dim(axis.dim).check(value, f"{self.name}.{t.name}")
+        for d in self.dims:  # a derived dim must agree with its sources where the feed shows them
+            if d.product_of and d.name in seen and all(s in seen for s in d.product_of):
+                if d.value_from(seen) != seen[d.name]:
+                    raise ShapeError(
+                        f"{self.name}: dim '{d.name}' is {seen[d.name]} but {' * '.join(d.product_of)} "
+                        f"(each / {d.per}) gives {d.value_from(seen)}", "fix the input shapes")
         return seen
 
     # -- serialisation -----------------------------------------------------------------
@@ -261,6 +310,8 @@ class ShapeRequest:
     batch: tuple[int, int, int] = (1, 1, 2)  # images (exporters.geometry.dims_for scales the denoiser's)
     image: tuple[int, int, int] | None = None  # None: derived from the model's sample size
     sequence: tuple[int, int, int] | None = None  # None: the tokenizer's max length, static
+    # T5 token count (SD3, Flux): None: the family's max_sequence_length (SD3 256, Flux 512), static
+    t5_sequence: tuple[int, int, int] | None = None
 
     @staticmethod
     def parse_range(text: str, what: str) -> tuple[int, int, int]:
@@ -277,6 +328,14 @@ class ShapeRequest:
         if not (1 <= lo <= opt <= hi):
             raise ShapeError(f"{what} range {text!r}: need 1 <= MIN <= OPT <= MAX", "order the range as MIN:OPT:MAX")
         return lo, opt, hi
+
+
+def dim_opt(specs: Mapping[str, ComponentSpec], name: str) -> int | None:
+    """The opt value of dim `name` in the specs (e.g. the exported T5 length), None if none has it."""
+    for spec in specs.values():
+        if any(d.name == name for d in spec.dims):
+            return spec.dim(name).opt
+    return None
 
 
 REFERENCE_POINTS = ("standard", "all", "opt")

@@ -165,6 +165,7 @@ def empty_copy(module: nn.Module) -> nn.Module:
             empty = type(module).from_config(module.config)
         else:  # transformers PreTrainedModel
             empty = type(module)(copy.deepcopy(module.config))
+    _tie(empty)  # outside init_empty_weights, which re-registers (unties) assigned parameters
     dtypes = {p.dtype for p in module.parameters()}
     if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
         empty.to(dtype)
@@ -181,12 +182,15 @@ def _fake_parameters(module: nn.Module):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes: dict[int, nn.Parameter] = {}  # one fake per parameter: tied weights stay tied
     with mode:
         for sub in module.modules():
             for name, p in list(sub._parameters.items()):
                 if p is not None and p.is_meta:
-                    fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cpu")
-                    sub._parameters[name] = nn.Parameter(fake, requires_grad=False)
+                    if id(p) not in fakes:
+                        fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cpu")
+                        fakes[id(p)] = nn.Parameter(fake, requires_grad=False)
+                    sub._parameters[name] = fakes[id(p)]
     return mode
 
 
@@ -339,8 +343,10 @@ def export_streamed(wrapper: nn.Module, module: nn.Module, spec: ComponentSpec, 
     if not has_no_storage(module):
         raise StreamingUnsupported("the module holds real weights", "pass a meta-device copy (empty_copy)")
     prefix = _prefix_of(wrapper, module)
-    params = dict(wrapper.named_parameters())
-    names = {name: name[len(prefix):] for name in params if name.startswith(prefix)}
+    params = dict(wrapper.named_parameters(remove_duplicate=False))
+    # A tied weight has several names (T5's shared / encoder.embed_tokens) and is saved under one of them.
+    saved = _saved_names(params, source, prefix)
+    names = {name: saved[name[len(prefix):]] for name in params if name.startswith(prefix)}
     dtypes = {name: np.dtype(torch.empty((), dtype=p.dtype).numpy().dtype) if p.dtype != torch.bfloat16
               else np.dtype(np.float32) for name, p in params.items()}
     if any(p.dtype == torch.bfloat16 for p in params.values()):
@@ -366,13 +372,15 @@ def export_streamed(wrapper: nn.Module, module: nn.Module, spec: ComponentSpec, 
 class _TorchWeights(Mapping):
     """accelerate's weights_map: source tensors by state-dict key, read on each access."""
 
-    def __init__(self, source: WeightSource, dtypes: Mapping[str, torch.dtype]):
+    def __init__(self, source: WeightSource, dtypes: Mapping[str, torch.dtype], saved_as: Mapping[str, str]):
         self._source = source
         self._dtypes = dtypes
+        self._saved_as = saved_as  # a tied weight's names -> the one the source holds
 
     def __getitem__(self, key: str) -> torch.Tensor:
         dtype = self._dtypes[key]
-        return torch.from_numpy(self._source.read(key, np.dtype(torch.empty((), dtype=dtype).numpy().dtype)))
+        return torch.from_numpy(self._source.read(self._saved_as.get(key, key),
+                                                  np.dtype(torch.empty((), dtype=dtype).numpy().dtype)))
 
     def __iter__(self):
         return iter(self._dtypes)
@@ -381,15 +389,27 @@ class _TorchWeights(Mapping):
         return len(self._dtypes)
 
 
+def _saved_names(params: Mapping[str, nn.Parameter], source: WeightSource, prefix: str = "") -> dict[str, str]:
+    """Parameter name (without prefix) -> the source key holding it: a tied weight is saved under one of its names."""
+    aliases: dict[int, list[str]] = {}
+    for name, p in params.items():
+        if name.startswith(prefix):
+            aliases.setdefault(id(p), []).append(name[len(prefix):])
+    keys = set(source.keys())
+    return {name[len(prefix):]: next((k for k in aliases[id(p)] if k in keys), name[len(prefix):])
+            for name, p in params.items() if name.startswith(prefix)}
+
+
 def stream_weights_in_forward(module: nn.Module, source: WeightSource) -> None:
     """Make a meta-device module runnable: each submodule reads its weights from `source` just
     before its forward and drops them after (accelerate's offload hooks), so a PyTorch reference
     run holds one layer's weights at a time."""
     from accelerate.hooks import attach_align_device_hook
 
-    dtypes = {name: p.dtype for name, p in module.named_parameters()}
+    params = dict(module.named_parameters(remove_duplicate=False))
+    dtypes = {name: p.dtype for name, p in params.items()}
     attach_align_device_hook(module, execution_device=torch.device("cpu"), offload=True,
-                             weights_map=_TorchWeights(source, dtypes))
+                             weights_map=_TorchWeights(source, dtypes, _saved_names(params, source)))
 
 
 # --- rewriting weights of a written model, one tensor at a time --------------------------------
@@ -499,9 +519,16 @@ def empty_pipeline(folder: Path):
                 parts[part] = cls.from_config(cls.load_config(Path(folder) / part))
             else:
                 parts[part] = cls(cls.config_class.from_pretrained(Path(folder) / part))
+        _tie(parts[part])
         parts[part].eval()
         parts[part]._diffprism_weights = Path(folder) / part  # where export_streamed reads from
     return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **parts)
+
+
+def _tie(model: nn.Module) -> None:
+    """Tie shared weights as from_pretrained does (T5's embed_tokens is `shared`, saved once)."""
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
 
 
 def weights_folder(module: nn.Module) -> Path | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,14 +14,65 @@ from exporters.spec import ComponentSpec
 TREE_INFO = "diffprism.json"  # specs and facts of the tree, read by targets and validation
 
 
-def write_pipeline_files(pipe: Any, tree: Path, tokenizers: tuple[str, ...]) -> None:
-    """model_index.json, scheduler/ and tokenizer*/ as diffusers and optimum lay them out."""
+# model_index.json entries that older transformers (optimum's pinned one) cannot load as written:
+# its T5Tokenizer is the sentencepiece one, which needs spiece.model; the fast class reads tokenizer.json.
+LEGACY_CLASSES = {"T5Tokenizer": "T5TokenizerFast"}
+
+
+def write_pipeline_files(pipe: Any, tree: Path, tokenizers: tuple[str, ...], source_dir: Path | None = None) -> None:
+    """model_index.json, scheduler/ and tokenizer*/ as diffusers and optimum lay them out.
+
+    Tokenizer folders hold what the running transformers saves, the BPE vocab.json/merges.txt
+    that older transformers reads instead of tokenizer.json, and every file of the source
+    folder's tokenizer (copied as the source has them).
+    """
     pipe.save_config(tree)  # model_index.json: optimum picks its ORT/OV pipeline class from it
+    _legacy_model_index(tree / "model_index.json")
     pipe.scheduler.save_pretrained(tree / "scheduler")
     for name in tokenizers:
         tok = getattr(pipe, name, None)
-        if tok is not None:
-            tok.save_pretrained(tree / name)
+        if tok is None:
+            continue
+        out = tree / name
+        tok.save_pretrained(out)
+        _write_bpe_files(tok, out)
+        src = Path(source_dir) / name if source_dir is not None else None
+        if src is not None and src.is_dir():
+            for f in sorted(src.iterdir()):
+                if f.is_file():
+                    shutil.copyfile(f, out / f.name)
+        _legacy_tokenizer_config(out / "tokenizer_config.json")
+
+
+def _write_bpe_files(tok: Any, out: Path) -> None:
+    backend = getattr(tok, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if type(model).__name__ == "BPE" and not (out / "vocab.json").exists():
+        model.save(str(out))  # vocab.json + merges.txt
+
+
+def _legacy_model_index(path: Path) -> None:
+    index = json.loads(path.read_text())
+    changed = False
+    for key, value in index.items():
+        if isinstance(value, list) and len(value) == 2 and value[1] in LEGACY_CLASSES:
+            index[key] = [value[0], LEGACY_CLASSES[value[1]]]
+            changed = True
+    if changed:
+        write_json_atomic(path, index)
+
+
+def _legacy_tokenizer_config(path: Path) -> None:
+    """Newer transformers writes extra_special_tokens as a list; older ones read a name -> token mapping."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        config["extra_special_tokens"] = {}
+        if extra:
+            config["additional_special_tokens"] = extra
+        write_json_atomic(path, config)
 
 
 def write_component_config(directory: Path, config: Mapping[str, Any]) -> None:

@@ -1,13 +1,16 @@
 """A diffusers pipeline whose components are Runners (torch, ONNX Runtime, OpenVINO, TensorRT, Core ML, mixed).
 
-Small shims stand in for the text encoders, the UNet and the VAE and forward each call
-to a Runner; everything else (tokenizers, scheduler loop, classifier-free guidance,
-SDXL's added conditioning, post-processing) is diffusers' own StableDiffusionPipeline
-or StableDiffusionXLPipeline code, so a runner pipeline differs from the PyTorch one
-only by what its runners compute.
+Small shims stand in for the text encoders, the denoiser (UNet or transformer) and the VAE
+and forward each call to a Runner; everything else (tokenizers, scheduler loop, classifier-free
+guidance, SDXL's added conditioning, Flux's packing and guidance embedding, post-processing)
+is diffusers' own pipeline code (the family's text-to-image class), so a runner pipeline
+differs from the PyTorch one only by what its runners compute.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import inspect
 import json
 import logging
 import time
@@ -23,7 +26,7 @@ from torch import nn
 from exporters.errors import SourceError, UsageError
 from exporters.families import family_named
 from exporters.geometry import Geometry
-from exporters.spec import ComponentSpec
+from exporters.spec import ComponentSpec, dim_opt
 from exporters.tree import read_tree_info
 from runtimes.base import Runner
 
@@ -108,6 +111,64 @@ class UNetShim(_Shim):
         return SimpleNamespace(sample=out) if return_dict else (out,)
 
 
+class T5Shim(_Shim):
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, output_hidden_states: bool | None = None,
+                return_dict: bool = True, **_: Any):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if output_hidden_states:
+            raise UsageError(f"{self.runner.spec.name} was exported without hidden states", "generate without them")
+        out = self._run({"input_ids": input_ids.to(torch.int64)})
+        return BaseModelOutput(last_hidden_state=out["last_hidden_state"])
+
+
+def _per_sample(value: Any, batch: int) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
+
+
+class _TransformerShim(_Shim):
+    def cache_context(self, name: str):  # diffusers' cache hooks: nothing to cache in a runner
+        return contextlib.nullcontext()
+
+    def _check(self, joint_attention_kwargs, extra: Mapping[str, Any]) -> None:
+        used = sorted(k for k, v in extra.items() if v is not None and v is not False)
+        if joint_attention_kwargs or used:
+            raise UsageError(f"the exported transformer takes no {used or 'joint_attention_kwargs'}",
+                             "generate without IP adapters, ControlNets or skipped layers")
+
+
+class SD3TransformerShim(_TransformerShim):
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled_projections,
+                timestep, joint_attention_kwargs=None, return_dict: bool = True, block_controlnet_hidden_states=None,
+                skip_layers=None, **_: Any):
+        self._check(joint_attention_kwargs, {"block_controlnet_hidden_states": block_controlnet_hidden_states,
+                                             "skip_layers": skip_layers})
+        out = self._run({"hidden_states": hidden_states.float(), "encoder_hidden_states": encoder_hidden_states.float(),
+                         "pooled_projections": pooled_projections.float(),
+                         "timestep": _per_sample(timestep, hidden_states.shape[0])})["out_hidden_states"]
+        return SimpleNamespace(sample=out) if return_dict else (out,)
+
+
+class FluxTransformerShim(_TransformerShim):
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled_projections,
+                timestep, img_ids, txt_ids, guidance=None, joint_attention_kwargs=None, return_dict: bool = True,
+                controlnet_block_samples=None, controlnet_single_block_samples=None, **_: Any):
+        self._check(joint_attention_kwargs, {"controlnet_block_samples": controlnet_block_samples,
+                                             "controlnet_single_block_samples": controlnet_single_block_samples})
+        batch = hidden_states.shape[0]
+        feed = {"hidden_states": hidden_states.float(), "encoder_hidden_states": encoder_hidden_states.float(),
+                "pooled_projections": pooled_projections.float(), "timestep": _per_sample(timestep, batch),
+                # diffusers builds the position ids as floats holding integers; the graph takes int64 (as optimum's)
+                "img_ids": img_ids.reshape(-1, 3).round().to(torch.int64),
+                "txt_ids": txt_ids.reshape(-1, 3).round().to(torch.int64)}
+        if "guidance" in self.runner.spec.input_names:
+            if guidance is None:
+                raise UsageError("the exported Flux transformer takes a guidance value", "pass guidance_scale")
+            feed["guidance"] = _per_sample(guidance, batch)
+        out = self._run(feed)["out_hidden_states"]
+        return SimpleNamespace(sample=out) if return_dict else (out,)
+
+
 class VaeDecoderShim(_Shim):
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None, **_: Any):
         image = self._run({"latent_sample": z.float()})["sample"]
@@ -117,7 +178,8 @@ class VaeDecoderShim(_Shim):
         return self.decode(z, return_dict=False)[0]
 
 
-SHIMS = {"clip_text": TextEncoderShim, "clip_text_projection": TextEncoderShim, "unet": UNetShim,
+SHIMS = {"clip_text": TextEncoderShim, "clip_text_projection": TextEncoderShim, "t5_encoder": T5Shim,
+         "unet": UNetShim, "sd3_transformer": SD3TransformerShim, "flux_transformer": FluxTransformerShim,
          "vae_decoder": VaeDecoderShim}  # by exporter kind (the spec's meta)
 
 
@@ -153,7 +215,6 @@ def _tokenizer(tree: Path, name: str):
 
 def load_pipeline(tree: Path, make_runner: Callable[[str, ComponentSpec], Runner]):
     """diffusers' text-to-image pipeline for the exported tree, each component a shim over make_runner(name, spec)."""
-    import inspect
 
     import diffusers
 
@@ -213,9 +274,13 @@ class Request:
     height: int = 512
     width: int = 512
     guidance_scale: float = 7.5
+    max_sequence_length: int | None = None  # T5 tokens (SD3, Flux); None: the pipeline's default
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        data = dict(self.__dict__)
+        if data["max_sequence_length"] is None:  # UNet families: the same record (and cache key) as before
+            del data["max_sequence_length"]
+        return data
 
 
 @dataclass
@@ -247,7 +312,35 @@ def initial_latents(geometry: Geometry, request: Request) -> torch.Tensor:
         raise UsageError(f"image size {request.height}x{request.width} is not a multiple of {f}",
                          f"use a multiple of {f}")
     shape = (1, geometry.latent_channels, request.height // f, request.width // f)
-    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(request.seed), dtype=torch.float32)
+    noise = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(request.seed), dtype=torch.float32)
+    return pack_latents(noise, geometry.latent_packing)
+
+
+def pack_latents(latents: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, C * p * p): p x p patches as tokens, the layout Flux's pipeline takes."""
+    if p == 1:
+        return latents
+    b, c, h, w = latents.shape
+    if h % p or w % p:
+        raise UsageError(f"latents {h}x{w} do not split into {p}x{p} patches", f"use an image size that does")
+    patches = latents.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def for_export(request: Request, specs: Mapping[str, ComponentSpec]) -> Request:
+    """The request with the exported T5 length filled in, so PyTorch references run what the runners run."""
+    if request.max_sequence_length is None and (length := dim_opt(specs, "t5_sequence")) is not None:
+        return dataclasses.replace(request, max_sequence_length=length)
+    return request
+
+
+def _call_options(pipe: Any, request: Request) -> dict[str, Any]:
+    """Arguments only some pipelines take: the T5 length (SD3, Flux), when the request names one."""
+    if request.max_sequence_length is None:
+        return {}
+    if "max_sequence_length" not in inspect.signature(type(pipe).__call__).parameters:
+        raise UsageError("max_sequence_length is set but the pipeline has no T5 encoder", "leave it unset")
+    return {"max_sequence_length": request.max_sequence_length}
 
 
 def generate(pipe: Any, request: Request, latents: torch.Tensor) -> Generation:
@@ -268,7 +361,7 @@ def generate(pipe: Any, request: Request, latents: torch.Tensor) -> Generation:
             prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
             height=request.height, width=request.width, guidance_scale=request.guidance_scale,
             latents=latents.clone(), generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np",
-            callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"],
+            callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"], **_call_options(pipe, request),
         )
     seconds = time.perf_counter() - start
     image = np.asarray(result.images[0], dtype=np.float32)

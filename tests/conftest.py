@@ -13,6 +13,7 @@ import pytest
 from diffprism import presets
 
 TINY = ("tiny-sd", "tiny-sd2", "tiny-sdxl")
+DIT = ("tiny-sd3", "tiny-flux")  # transformer (DiT) presets
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +77,25 @@ def openvino_tiny_sd(exported, tmp_path_factory):
     compile_job(out, target="openvino", precision="fp32")
     compile_job(out, target="openvino", precision="int8", options={"quantize_activations": []})
     return out
+
+
+@pytest.fixture(scope="session")
+def openvino_dit(exported, tmp_path_factory):
+    """{preset: copy of the tiny-sd3 / tiny-flux export with OpenVINO fp32 built}, once per session (read-only)."""
+    from diffprism.jobs import compile_job
+    from exporters.errors import UsageError
+    from targets.base import get_target
+
+    try:
+        target = get_target("openvino")
+    except UsageError as exc:
+        pytest.skip(f"the openvino target is not in this build: {exc}")
+    if not target.availability().ok:
+        pytest.skip(f"OpenVINO cannot run here: {target.availability().reason}")
+    built = {}
+    for preset in DIT:
+        out = tmp_path_factory.mktemp("openvino-dit") / preset
+        shutil.copytree(exported(preset), out)
+        compile_job(out, target="openvino", precision="fp32")
+        built[preset] = out
+    return built

@@ -21,6 +21,8 @@ def add_shapes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", help="image size range in pixels, N or MIN:OPT:MAX (default: half to double "
                         "the model's native size)")
     parser.add_argument("--sequence", help="token sequence range (default: the tokenizer's max length, static)")
+    parser.add_argument("--t5-sequence", help="T5 token range for SD3/Flux (default: the pipeline's "
+                        "max_sequence_length, 256 for SD3 and 512 for Flux, static)")
 
 
 def shapes_from(args: argparse.Namespace) -> ShapeRequest:
@@ -28,6 +30,7 @@ def shapes_from(args: argparse.Namespace) -> ShapeRequest:
         batch=ShapeRequest.parse_range(args.batch, "batch"),
         image=ShapeRequest.parse_range(args.size, "size") if args.size else None,
         sequence=ShapeRequest.parse_range(args.sequence, "sequence") if args.sequence else None,
+        t5_sequence=ShapeRequest.parse_range(args.t5_sequence, "t5 sequence") if args.t5_sequence else None,
     )
 
 

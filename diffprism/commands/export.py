@@ -35,6 +35,7 @@ def run(args: argparse.Namespace, ui) -> int:
     shapes = shapes_from(args)
     request = {"command": "export", "source": args.source, "components": args.components, "opset": args.opset,
                "batch": args.batch, "size": args.size, "sequence": args.sequence,
+               **({"t5_sequence": args.t5_sequence} if args.t5_sequence else {}),
                "streaming": args.streaming, "reference_points": args.reference_points}
     with folder_lock(args.out), ui.progress("export") as update:
         result = export_job(args.source, args.out, components=args.components, shapes=shapes, opset=args.opset,

@@ -166,3 +166,12 @@ def test_plan_cli_rejects_bad_recipe(tmp_path, capsys):
     assert main(["--json", "plan", str(path)]) == EXIT_USAGE
     out = json.loads(capsys.readouterr().out)
     assert out["error"] == f"{path}:9: build.0.bogus: unknown key"
+
+
+def test_flux_example_recipe_parses_with_a_t5_range():
+    from pathlib import Path
+
+    recipe = load(Path(__file__).parents[2] / "examples" / "tiny-flux.toml")
+    assert recipe.source.preset == "tiny-flux"
+    assert "transformer" in recipe.components
+    assert recipe.shapes.request().t5_sequence == (64, 128, 128)

@@ -106,3 +106,55 @@ def test_trace_values_never_put_a_multiple_symbol_at_one():
                          (TensorSpec("out_sample", "float32", (b, 4, h, w)),),
                          (Dim("batch", 1, 1, 4), Dim("height", 8, 8, 16, 8), Dim("width", 16, 32, 64, 8)))
     assert trace_values(spec) == {"batch": 2, "height": 16, "width": 32}
+
+
+def flux_like() -> ComponentSpec:
+    """Flux's transformer: packed tokens = (height / 2) * (width / 2), T5 tokens their own dim."""
+    from exporters.spec import derived
+
+    b, p, t = Axis("batch"), Axis("packed"), Axis("t5_sequence")
+    height, width = Dim("height", 16, 32, 64, 2), Dim("width", 16, 32, 64, 2)
+    return ComponentSpec(
+        "transformer",
+        (TensorSpec("hidden_states", "float32", (b, p, 64)), TensorSpec("img_ids", "int64", (p, 3), (0, 64)),
+         TensorSpec("encoder_hidden_states", "float32", (b, t, 32))),
+        (TensorSpec("out_hidden_states", "float32", (b, p, 64)),),
+        (Dim("batch", 1, 2, 4), height, width, derived("packed", (height, width), per=2), Dim("t5_sequence", 64, 256, 512)),
+    )
+
+
+def test_derived_dim_follows_its_sources_in_points_profiles_and_json():
+    spec = flux_like()
+    packed = spec.dim("packed")
+    assert (packed.min, packed.opt, packed.max) == (64, 256, 1024)
+    prof = spec.profile()
+    assert prof["hidden_states"] == {"min": (1, 64, 64), "opt": (2, 256, 64), "max": (4, 1024, 64)}
+    assert prof["encoder_hidden_states"]["max"] == (4, 512, 32)  # the T5 sequence ranges on its own
+    points = dict(iter_points(spec))
+    nonsquare = points["nonsquare"]
+    assert nonsquare["packed"] == (nonsquare["height"] // 2) * (nonsquare["width"] // 2) == 8 * 32
+    assert spec.dim_values({"height": 64, "width": 16})["packed"] == 32 * 8
+    assert ComponentSpec.from_json(spec.to_json()) == spec
+    static = spec.restrict(height=(32, 32, 32), width=(48, 48, 48))
+    assert (static.dim("packed").min, static.dim("packed").max) == (16 * 24, 16 * 24)
+
+
+def test_derived_dim_is_checked_in_feeds():
+    spec = flux_like()
+    feed = {"hidden_states": np.zeros((1, 256, 64), np.float32), "img_ids": np.zeros((256, 3), np.int64),
+            "encoder_hidden_states": np.zeros((1, 64, 32), np.float32)}
+    assert spec.check_feed(feed)["packed"] == 256
+    feed["img_ids"] = np.zeros((128, 3), np.int64)
+    with pytest.raises(ShapeError, match="another input"):
+        spec.check_feed(feed)
+    big = {"hidden_states": np.zeros((1, 2048, 64), np.float32), "img_ids": np.zeros((2048, 3), np.int64),
+           "encoder_hidden_states": np.zeros((1, 64, 32), np.float32)}
+    with pytest.raises(ShapeError, match="outside"):
+        spec.check_feed(big)
+
+
+def test_derived_dim_needs_sources_divisible_by_its_step():
+    from exporters.spec import derived
+
+    with pytest.raises(ShapeError, match="multiple of 2"):
+        derived("packed", (Dim("height", 15, 31, 63), Dim("width", 16, 32, 64, 2)), per=2)

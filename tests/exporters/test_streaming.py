@@ -167,3 +167,29 @@ def test_map_weights_to_float16_one_tensor_at_a_time(exported, tmp_path):
     for n in b:
         want = b[n].astype(np.float16) if b[n].dtype == np.float32 else b[n]
         assert a[n].dtype == want.dtype and np.array_equal(a[n], want)
+
+
+@pytest.mark.parametrize("preset, component", [("tiny-sd3", "transformer"), ("tiny-flux", "transformer"),
+                                               ("tiny-flux", "text_encoder_2")])
+def test_streamed_transformer_and_t5_are_byte_identical_to_plain(exported, pipeline, tmp_path, preset, component):
+    """SD3's MMDiT, Flux's transformer (rotary ids, guidance embedding) and the T5 encoder."""
+    pipe = pipeline(preset)
+    _, specs = plan_specs(pipe, [component])
+    export_component(pipe, specs[component], tmp_path / component, 18, streaming=True)
+    plain = exported(preset) / "onnx" / component
+    _same_files(plain, tmp_path / component)
+    _same_outputs(plain, tmp_path / component, specs[component])
+
+
+def test_t5_from_safetensors_streams_its_tied_embedding(exported, pipeline, tmp_path):
+    """T5 saves `shared` once for the tied `encoder.embed_tokens`: the meta copy stays tied, the stream finds it."""
+    folder = tmp_path / "saved"
+    pipeline("tiny-flux").save_pretrained(str(folder), safe_serialization=True)
+    pipe = streaming.empty_pipeline(folder)
+    export_pipeline(pipe, tmp_path / "out", components=["text_encoder_2"])
+    plain = exported("tiny-flux")
+    _same_files(plain / "onnx" / "text_encoder_2", tmp_path / "out" / "onnx" / "text_encoder_2")
+    want = reference.load(plain / "reference" / "text_encoder_2.npz")
+    got = reference.load(tmp_path / "out" / "reference" / "text_encoder_2.npz")
+    for point, case in want.items():
+        np.testing.assert_array_equal(got[point]["outputs"]["last_hidden_state"], case["outputs"]["last_hidden_state"])

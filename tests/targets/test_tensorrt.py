@@ -760,3 +760,29 @@ def test_engines_match_pytorch_on_the_same_gpu(copy_export, pipeline):
     torch.cuda.empty_cache()
     verdict = validate_job(out, target="tensorrt", precision="fp16")
     assert verdict.passed, verdict.to_json()
+
+
+def test_flux_plan_profiles_follow_packed_tokens_and_the_t5_sequence(exported, pipeline):
+    """Packed tokens = latent h/2 * w/2 at every profile point; T5 tokens range on their own."""
+    from exporters.export import plan_export
+    from exporters.spec import ShapeRequest
+    from targets.tensorrt_plan import make_plan
+
+    _, geometry, specs = plan_export(pipeline("tiny-flux"), ["text_encoder_2", "transformer"],
+                                     ShapeRequest(batch=(1, 2, 4), t5_sequence=(128, 256, 512)))
+    tree = exported("tiny-flux") / "onnx"
+    plan = make_plan(tree, specs, TensorRtConfig(precision="fp16", sizes=["32:64:96"], gpu="sm89",
+                                                 trt_version="10.8.0"), geometry=geometry)
+    [profile] = plan["components"]["transformer"]["profiles"]
+    # 32/64/96 px at VAE scale 2 -> latents 16/32/48 -> (8*8, 16*16, 24*24) packed tokens; batch x1 (no CFG batch)
+    assert profile == {
+        "hidden_states": {"min": [1, 64, 64], "opt": [2, 256, 64], "max": [4, 576, 64]},
+        "encoder_hidden_states": {"min": [1, 128, 64], "opt": [2, 256, 64], "max": [4, 512, 64]},
+        "pooled_projections": {"min": [1, 32], "opt": [2, 32], "max": [4, 32]},
+        "timestep": {"min": [1], "opt": [2], "max": [4]},
+        "img_ids": {"min": [64, 3], "opt": [256, 3], "max": [576, 3]},
+        "txt_ids": {"min": [128, 3], "opt": [256, 3], "max": [512, 3]},
+        "guidance": {"min": [1], "opt": [2], "max": [4]},
+    }
+    [t5] = plan["components"]["text_encoder_2"]["profiles"]
+    assert t5 == {"input_ids": {"min": [1, 128], "opt": [2, 256], "max": [4, 512]}}
