@@ -21,7 +21,7 @@ from exporters.streaming import StreamingUnsupported
 from exporters.tree import geometry as tree_geometry, read_tree_info
 from targets.base import get_target
 from validation.policy import Policy
-from validation.validate import ValidationResult, validate
+from validation.validate import WEIGHTS_ONLY, ValidationResult, validate
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +264,17 @@ def validate_work(out: Path, variant: Variant, *, components: list[str] | None =
                 progress(name)
             result.structure[name] = tgt.inspect(artifacts, spec, config)
         return result
-    options = dict(runner_options or {})
-    result = validate(specs, lambda spec: tgt.runner(artifacts, spec, **options), out / REFERENCE_DIR,
-                      target=variant.target, precision=tgt.tolerance_row(config), policy=policy, progress=progress)
+    # Judged as deployed (the variant's runtime configuration), with the weights-only check beside it.
+    deploy = variant.runtime_options(runner_options)
+    row = tgt.tolerance_row(config)
+    result = validate(specs, lambda spec: tgt.runner(artifacts, spec, **deploy), out / REFERENCE_DIR,
+                      target=variant.target, precision=row, policy=policy, progress=progress)
+    weights = tgt.weights_only_options(config)
+    if weights is not None and {**deploy, **weights} != deploy:
+        full = {**deploy, **weights}
+        result.add_weights_only(validate(specs, lambda spec: tgt.runner(artifacts, spec, **full), out / REFERENCE_DIR,
+                                         target=variant.target, precision=row, policy=policy,
+                                         check=WEIGHTS_ONLY, progress=progress))
     result.precision = variant.tag
     return result
 
