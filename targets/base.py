@@ -154,7 +154,7 @@ class Target(ABC):
 
     def weights_only_options(self, config: TargetConfig) -> dict[str, Any] | None:
         """Runner options that compute the variant's stored weights at full precision: validation runs this
-        check beside the deploy one. None where the deploy configuration already computes at full precision."""
+        check beside the deploy one unless the deploy options already are these. None: the target has none."""
         return None
 
     def runner_availability(self) -> Availability:

@@ -171,7 +171,7 @@ class OpenVinoTarget(Target):
         return {"hint": "f32" if config.precision == "fp32" else "default"}
 
     def weights_only_options(self, config: TargetConfig) -> dict[str, Any] | None:
-        return None if config.precision == "fp32" else {"hint": "f32"}
+        return {"hint": "f32"}  # skipped where the deploy configuration already is f32 (fp32 by default)
 
     # -- runner --------------------------------------------------------------------------
     def runner(self, artifact_dir: Path, spec: ComponentSpec, **options: Any):
