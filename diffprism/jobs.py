@@ -169,7 +169,7 @@ def calibrate_work(out: Path, source: SourceLoader, *, prompts: list[str] | None
     """Capture real component inputs into <out>/calibration; returns its stage entry. `runtime` runs the
     denoising loop: the PyTorch source ("torch") or the exported fp32 graph on a runtime (CAPTURE_RUNTIMES)."""
     from exporters import calibration
-    from runtimes.pipeline import close, runners
+    from runtimes.pipeline import activate, close, runners
 
     info, specs = tree_specs(out)
     chosen = calibration.pick_prompts(prompts, num_prompts)
@@ -178,6 +178,7 @@ def calibrate_work(out: Path, source: SourceLoader, *, prompts: list[str] | None
     if progress:
         progress(f"denoising {len(chosen)} prompts x {steps} steps on {runtime}")
     try:
+        activate(pipeline)  # compiled first, so each runner reports the configuration it runs with
         folder = calibration.capture(pipeline, out, prompts=chosen, steps=steps, seed=seed, specs=specs,
                                      geometry=tree_geometry(info),
                                      runtime={"name": runtime,

@@ -139,6 +139,7 @@ def test_capture_through_the_exported_graph_matches_pytorch(sd_capture, copy_exp
     which runtime ran."""
     from diffprism import manifest
     from diffprism.jobs import calibrate_job
+    from validation.metrics import rel_l2
 
     if runtime == "openvino":
         pytest.importorskip("openvino")
@@ -155,8 +156,8 @@ def test_capture_through_the_exported_graph_matches_pytorch(sd_capture, copy_exp
         mine, torch_feeds = calibration.load_feeds(out / "calibration", name), calibration.load_feeds(sd_capture, name)
         for a, b in zip(mine, torch_feeds):
             for key in b:
-                if b[key].dtype.kind == "f":
-                    np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-4, err_msg=f"{name}/{key}")
+                if b[key].dtype.kind == "f":  # fp32 kernel noise over the loop: the fp32 row's relative L2 bound
+                    assert a[key].shape == b[key].shape and rel_l2(b[key], a[key]) < 1e-4, (name, key)
                 else:
                     np.testing.assert_array_equal(a[key], b[key])
     assert calibration.info(sd_capture)["runtime"] == {"name": "torch"}
