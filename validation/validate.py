@@ -1,10 +1,11 @@
 """Run each component's artifact on its runtime over the stored reference cases and compare.
 
 A variant is judged as it ships: its runners run at the variant's runtime configuration (the
-"deploy" check) against the tolerance row of the precision the runtime really computes in (an
-fp16 IR computed in bf16 by the bf16 row, never a looser row than the variant's own). Where the
-target has one, a "weights_only" check runs beside it at full compute precision, judged by the
-variant's own row: it isolates what the stored weights lose. The verdict needs both.
+"deploy" check), each component judged by the looser of the variant's own row and the row of the
+precision its runtime really computes in (an fp16 IR computed in bf16 by the bf16 row; an int8
+IR computed in bf16 stays int8). Where the target has one, a "weights_only" check runs beside it
+at full compute precision, judged by the variant's own row: it isolates what the stored weights
+lose. The verdict needs both.
 """
 from __future__ import annotations
 
