@@ -314,7 +314,8 @@ def test_static_int8_build_via_cli(sd, capfd):
                  "--option", "static=64x64", "--option", "batch=1", "--option", "int8_scheme=full"])
     doc = json.loads(capfd.readouterr().out)
     assert code == 0 and doc["passed"]
-    assert [c["point"] for c in doc["comparisons"]] == ["opt"]  # the one reference case of that fixed size
+    # the one reference case of that fixed size, as deployed and in the weights-only check beside it
+    assert [(c["point"], c["check"]) for c in doc["comparisons"]] == [("opt", "deploy"), ("opt", "weights_only")]
     assert "unet/min" in doc["skipped_points"]
 
 
