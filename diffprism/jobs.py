@@ -21,7 +21,7 @@ from exporters.streaming import StreamingUnsupported
 from exporters.tree import geometry as tree_geometry, read_tree_info
 from targets.base import get_target
 from validation.policy import Policy
-from validation.validate import ValidationResult, validate
+from validation.validate import WEIGHTS_ONLY, ValidationResult, validate
 
 log = logging.getLogger(__name__)
 
@@ -131,26 +131,70 @@ def _once(load: SourceLoader) -> SourceLoader:
 # --- calibrate ----------------------------------------------------------------------------------
 
 
+CAPTURE_RUNTIMES = ("torch", "openvino", "onnxruntime", "auto")
+
+
+def capture_runtime(runtime: str) -> str:
+    """'auto': the fastest runtime present for the exported fp32 graph (OpenVINO, then ONNX Runtime, then torch)."""
+    if runtime not in CAPTURE_RUNTIMES:
+        raise UsageError(f"unknown capture runtime '{runtime}'", f"choose from {', '.join(CAPTURE_RUNTIMES)}")
+    if runtime != "auto":
+        return runtime
+    import importlib.util
+
+    return next((m for m in ("openvino", "onnxruntime") if importlib.util.find_spec(m)), "torch")
+
+
+def _graph_pipeline(out: Path, runtime: str):
+    """diffusers' pipeline over the exported fp32 ONNX graphs on `runtime` (OpenVINO at the f32 hint: its
+    trajectories match PyTorch's to ~1e-6), for a capture that need not run PyTorch eager."""
+    from runtimes.pipeline import load_pipeline
+
+    def make(name: str, spec: ComponentSpec):
+        model = out / ONNX_DIR / name / "model.onnx"
+        if runtime == "openvino":
+            from runtimes.openvino_runner import OpenVinoRunner
+
+            return OpenVinoRunner(spec, model, hint="f32")
+        from runtimes.onnxruntime_runner import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(spec, model)
+
+    return load_pipeline(out / ONNX_DIR, make)
+
+
 def calibrate_work(out: Path, source: SourceLoader, *, prompts: list[str] | None = None, num_prompts: int | None = None,
-                   steps: int = 4, seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
-    """Capture real component inputs from the source into <out>/calibration; returns its stage entry."""
+                   steps: int = 4, seed: int = 0, runtime: str = "torch",
+                   progress: Progress | None = None) -> dict[str, Any]:
+    """Capture real component inputs into <out>/calibration; returns its stage entry. `runtime` runs the
+    denoising loop: the PyTorch source ("torch") or the exported fp32 graph on a runtime (CAPTURE_RUNTIMES)."""
     from exporters import calibration
+    from runtimes.pipeline import activate, close, runners
 
     info, specs = tree_specs(out)
     chosen = calibration.pick_prompts(prompts, num_prompts)
-    pipeline = source()
+    runtime = capture_runtime(runtime)
+    pipeline = source() if runtime == "torch" else _graph_pipeline(out, runtime)
     if progress:
-        progress(f"denoising {len(chosen)} prompts x {steps} steps")
-    folder = calibration.capture(pipeline, out, prompts=chosen, steps=steps, seed=seed, specs=specs,
-                                 geometry=tree_geometry(info))
+        progress(f"denoising {len(chosen)} prompts x {steps} steps on {runtime}")
+    try:
+        activate(pipeline)  # compiled first, so each runner reports the configuration it runs with
+        folder = calibration.capture(pipeline, out, prompts=chosen, steps=steps, seed=seed, specs=specs,
+                                     geometry=tree_geometry(info),
+                                     runtime={"name": runtime,
+                                              "runner": {n: r.describe() for n, r in runners(pipeline).items()}})
+    finally:
+        close(pipeline)
     info = calibration.info(folder)
     entry = {k: info[k] for k in ("steps", "seeds", "height", "width", "counts", "scheduler")}
     entry["prompts"] = len(info["prompts"])
+    if runtime != "torch":  # the default capture's entry stays as it was
+        entry["runtime"] = runtime
     return {"info": info, "entry": entry}
 
 
 def calibrate_job(out: Path, *, prompts: list[str] | None = None, num_prompts: int | None = None, steps: int = 4,
-                  seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
+                  seed: int = 0, runtime: str = "torch", progress: Progress | None = None) -> dict[str, Any]:
     from exporters.calibration import CALIBRATION_DIR
 
     data = manifest.load(out)
@@ -160,7 +204,7 @@ def calibrate_job(out: Path, *, prompts: list[str] | None = None, num_prompts: i
     if progress:
         progress(f"loading {data['source'].get('preset') or data['source'].get('path') or data['source'].get('repo_id')}")
     done = calibrate_work(out, recorded_source(out), prompts=prompts, num_prompts=num_prompts, steps=steps, seed=seed,
-                          progress=progress)
+                          runtime=runtime, progress=progress)
     manifest.commit(out, [CALIBRATION_DIR], lambda d: d.setdefault("stages", {}).__setitem__("calibrate", done["entry"]))
     return done["info"]
 
@@ -264,9 +308,17 @@ def validate_work(out: Path, variant: Variant, *, components: list[str] | None =
                 progress(name)
             result.structure[name] = tgt.inspect(artifacts, spec, config)
         return result
-    options = dict(runner_options or {})
-    result = validate(specs, lambda spec: tgt.runner(artifacts, spec, **options), out / REFERENCE_DIR,
-                      target=variant.target, precision=tgt.tolerance_row(config), policy=policy, progress=progress)
+    # Judged as deployed (the variant's runtime configuration), with the weights-only check beside it.
+    deploy = variant.runtime_options(runner_options)
+    row = tgt.tolerance_row(config)
+    result = validate(specs, lambda spec: tgt.runner(artifacts, spec, **deploy), out / REFERENCE_DIR,
+                      target=variant.target, precision=row, policy=policy, progress=progress)
+    weights = tgt.weights_only_options(config)
+    if weights is not None and {**deploy, **weights} != deploy:
+        full = {**deploy, **weights}
+        result.add_weights_only(validate(specs, lambda spec: tgt.runner(artifacts, spec, **full), out / REFERENCE_DIR,
+                                         target=variant.target, precision=row, policy=policy,
+                                         check=WEIGHTS_ONLY, progress=progress))
     result.precision = variant.tag
     return result
 

@@ -439,6 +439,9 @@ def verdict_entry(result: dict[str, Any], checked: dict[str, dict[str, str]], ex
         "comparisons": sum(c["comparisons"] for c in components.values()),
         "failed": sum(c["failed"] for c in components.values()),
         "runner": {**((previous or {}).get("runner") or {}), **(result.get("runner") or {})},
+        # The tolerance row each component's deploy check was judged by, and the weights-only check's runs.
+        "rows": {**((previous or {}).get("rows") or {}), **(result.get("rows") or {})},
+        "weights_only": {**((previous or {}).get("weights_only") or {}), **(result.get("weights_only") or {})},
         "components": components,
         "dir": folder or (previous or {}).get("dir"),
     }

@@ -84,7 +84,8 @@ class Runners:
             return TorchRunner(spec, exporter.wrap(exporter.module(source), spec))
         from targets.base import get_target
 
-        return get_target(placement.target).runner(self.artifact_dir(placement), spec, **self.options)
+        return get_target(placement.target).runner(self.artifact_dir(placement), spec,
+                                                   **placement.runtime_options(self.options))
 
     def pipeline(self, placements: Mapping[str, Placement], default: Placement) -> Any:
         """A diffusers pipeline: the PyTorch source itself if everything is torch, else a runner pipeline."""

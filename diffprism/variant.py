@@ -87,6 +87,12 @@ class Variant:
         """The row of validation.policy's table that judges this variant (the reference itself: fp32)."""
         return "fp32" if self.is_torch else _target(self.target).tolerance_row(self.config())
 
+    def runtime_options(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The runner options the variant runs with: its runtime configuration (from the target), then
+        the options given explicitly (e.g. --option hint=bf16)."""
+        own = {} if self.is_torch else _target(self.target).runtime_options(self.config())
+        return {**own, **(overrides or {})}
+
     def folder(self, out: Path) -> Path:
         return _target(self.target).output_dir(out, self.config())
 

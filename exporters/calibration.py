@@ -164,11 +164,14 @@ def _hooks(pipe: Any, recorder: _Recorder) -> Iterator[None]:
 
 def capture(pipe: Any, out: Path, *, prompts: list[str] | None = None, steps: int = 4, seed: int = 0,
             guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
-            specs: dict[str, ComponentSpec] | None = None, geometry: Geometry | None = None) -> Path:
+            specs: dict[str, ComponentSpec] | None = None, geometry: Geometry | None = None,
+            runtime: dict[str, Any] | None = None) -> Path:
     """Run the pipeline over the prompts and write <out>/calibration atomically; returns that folder.
 
     Prompt i runs with seed + i. Components absent from `specs` are not recorded; with
     specs=None every component of the pipeline's family is (specs at their defaults).
+    `pipe` may be the PyTorch pipeline or a runner pipeline over the exported graphs (its shims
+    take the same arguments); `runtime` says which ran, recorded in info.json.
     """
     if steps < 1:
         raise UsageError(f"--steps {steps} is not positive", "pass at least 1")
@@ -205,6 +208,7 @@ def capture(pipe: Any, out: Path, *, prompts: list[str] | None = None, steps: in
             "height": height,
             "width": width,
             "scheduler": type(pipe.scheduler).__name__,
+            "runtime": runtime or {"name": "torch"},
             "counts": {name: len(feeds) for name, feeds in recorder.feeds.items()},
             "shapes": {name: {k: list(v.shape) for k, v in feeds[0].items()} for name, feeds in recorder.feeds.items()},
         }

@@ -50,6 +50,11 @@ class Runner(ABC):
         """What ran: backend, device, precision hints (recorded in reports)."""
         return {"backend": self.backend}
 
+    def compute_precision(self) -> str | None:
+        """The tolerance row (validation.policy) of the precision the runtime really computes in, read
+        after activation; None when it computes in the artifact's own precision (most runtimes)."""
+        return None
+
     def __enter__(self) -> "Runner":
         self.activate()
         return self

@@ -40,6 +40,7 @@ class OnnxRuntimeRunner(Runner):
         self.threads = threads
         self.session = None
         self.active_providers: list[str] = []
+        self.session_options: dict[str, str] = {}
 
     def _activate(self) -> None:
         try:
@@ -61,6 +62,9 @@ class OnnxRuntimeRunner(Runner):
                 "its device and libraries, or validate with the providers that are there",
             )
         self.session, self.active_providers = session, active
+        # What the session really runs with (recorded beside the providers in reports and verdicts).
+        self.session_options = {"graph_optimization": opts.graph_optimization_level.name,
+                                "intra_op_threads": str(opts.intra_op_num_threads or "default")}
         self._input_types = {i.name: i.type for i in self.session.get_inputs()}
 
     def _infer(self, feed):
@@ -79,7 +83,8 @@ class OnnxRuntimeRunner(Runner):
     def describe(self):
         """The providers the session really runs on (after activation); before it, the requested ones."""
         providers = self.active_providers or requested_names(self.providers)
-        return {"backend": self.backend, "providers": ",".join(providers), "model": self.model_path.parent.name}
+        return {"backend": self.backend, "providers": ",".join(providers), **self.session_options,
+                "model": self.model_path.parent.name}
 
 
 def requested_names(providers: Sequence) -> list[str]:

@@ -1,9 +1,11 @@
 """OpenVINO runner: one compiled IR on a device (CPU here; GPU/NPU where present), precision hint explicit.
 
-On CPUs with AVX512-BF16 or AMX, OpenVINO's CPU plugin computes in bf16 unless told otherwise,
-and outputs drift by ~1e-2 from PyTorch fp32. So the hint is always set: "f32" by default
-(what validation against PyTorch needs), "bf16"/"f16" on request, or "default" to leave the
-plugin's own choice; describe() reports the hint the compiled model really uses.
+The hint is the compute precision: "f32", "bf16", "f16", or "default" to leave the device's own
+choice (bf16 on CPUs with AVX512-BF16 or AMX, f32 on other CPUs, f16 on GPUs), which is how a
+variant is deployed. Which hint a variant runs with is the target's runtime configuration
+(targets/openvino.py `runtime_options`: fp32 at f32, the others at the device default); the
+runner's own default, f32, is what a bare comparison with PyTorch fp32 needs. describe() and
+compute_precision() report the precision the compiled model really uses, read back from it.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from runtimes.base import Runner
 log = logging.getLogger(__name__)
 
 HINTS = ("f32", "bf16", "f16", "default")
+# OpenVINO element type of the compiled model's inference precision -> validation.policy row.
+ROWS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 PERFORMANCE = ("LATENCY", "THROUGHPUT")
 
 
@@ -73,11 +77,13 @@ class OpenVinoRunner(Runner):
         self._outputs = [(port, port.get_any_name()) for port in self.compiled.outputs]
 
     def _infer(self, feed):
-        results = self.request.infer(dict(feed), share_inputs=False)
+        # infer() is synchronous and the feed is not touched while it runs: share its memory instead of
+        # copying it in. The outputs it returns are already copies (share_outputs=False); cast only if needed.
+        results = self.request.infer(dict(feed), share_inputs=True)
         out = {}
         for port, name in self._outputs:
-            arr = np.asarray(results[port])
-            out[name] = arr.astype(np.float32) if arr.dtype.kind == "f" else arr.copy()
+            arr = results[port]
+            out[name] = arr.astype(np.float32, copy=False) if arr.dtype.kind == "f" else arr
         return out
 
     def _deactivate(self) -> None:
@@ -86,4 +92,7 @@ class OpenVinoRunner(Runner):
 
     def describe(self):
         return {"backend": self.backend, "device": self.device, "hint": self.hint, "inference_precision": self.used_hint,
-                "model": self.model_path.parent.name}
+                "performance": self.performance, "model": self.model_path.parent.name}
+
+    def compute_precision(self) -> str | None:
+        return ROWS.get(self.used_hint)

@@ -150,6 +150,17 @@ class Target(ABC):
         """The precision row of validation.policy that judges this variant."""
         return config.precision
 
+    # -- runtime configuration (part of the variant) -----------------------------------------
+    def runtime_options(self, config: TargetConfig) -> dict[str, Any]:
+        """Runner options this variant is deployed with (e.g. its compute precision); generate, bench
+        and validation run it so, and runner options given explicitly override them."""
+        return {}
+
+    def weights_only_options(self, config: TargetConfig) -> dict[str, Any] | None:
+        """Runner options that compute the variant's stored weights at full precision: validation runs this
+        check beside the deploy one unless the deploy options already are these. None: the target has none."""
+        return None
+
     def runner_availability(self) -> Availability:
         """Whether numerics can run here; when not, validation falls back to `inspect`."""
         return Availability(True)

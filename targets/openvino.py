@@ -7,6 +7,8 @@ Precisions:
 - fp32: converted as is.
 - fp16: weights stored as f16 (OpenVINO decompresses them at load; compute precision is the
   runtime's inference precision hint, see runtimes/openvino_runner.py).
+Runtime configuration (`runtime_options`): fp32 runs at the f32 hint, every other precision at the
+device's default inference precision, as deployed; validation adds an f32-hint weights-only check.
 - int8: components in `quantize_activations` (default: the UNet, which runs every step) get
   NNCF post-training quantization calibrated on the captured UNet inputs (`diffprism calibrate`);
   the scheme is optimum-intel's hybrid one by default (activations and weights of convolutions
@@ -162,6 +164,15 @@ class OpenVinoTarget(Target):
                                   "static": plan["static"], "batch": plan["batch"]}, specs)
         result.files = sorted(p for p in final.rglob("*") if p.is_file())
         return result
+
+    # -- runtime configuration -----------------------------------------------------------
+    def runtime_options(self, config: TargetConfig) -> dict[str, Any]:
+        # fp32 is deployed to match PyTorch fp32; the smaller variants are deployed for speed, at the
+        # device's own inference precision (bf16 on CPUs with AVX512-BF16/AMX, f16 on GPUs).
+        return {"hint": "f32" if config.precision == "fp32" else "default"}
+
+    def weights_only_options(self, config: TargetConfig) -> dict[str, Any] | None:
+        return {"hint": "f32"}  # skipped where the deploy configuration already is f32 (fp32 by default)
 
     # -- runner --------------------------------------------------------------------------
     def runner(self, artifact_dir: Path, spec: ComponentSpec, **options: Any):

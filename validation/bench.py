@@ -18,7 +18,7 @@ import numpy as np
 from exporters.inputs import make_feed
 from exporters.spec import ComponentSpec
 from exporters.geometry import Geometry
-from runtimes.pipeline import Request, close, generate, initial_latents
+from runtimes.pipeline import Request, activate, close, generate, initial_latents, runners
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,15 @@ def bench_image(pipeline_factory: Callable[[], Any], request: Request, geometry:
     with PeakRss() as memory:
         pipe = pipeline_factory()
         try:
+            load = activate(pipe)
             latents = initial_latents(geometry, request)
             times = time_calls(lambda: generate(pipe, request, latents), 1, runs)
+            describe = {name: r.describe() for name, r in runners(pipe).items()}  # the configuration that ran
         finally:
             close(pipe)
     gc.collect()
-    return {**summarize(times), "peak_rss_delta_bytes": memory.delta}
+    return {**summarize(times), "peak_rss_delta_bytes": memory.delta, "load_seconds": round(load, 3),
+            "runner": describe}
 
 
 def _latent_dims(geometry: Geometry, name: str, size: tuple[int, int], batch: int) -> dict[str, int]:

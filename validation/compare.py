@@ -29,6 +29,8 @@ class Comparison:
     tolerance: Tolerance
     outputs: list[OutputComparison] = field(default_factory=list)
     error: str | None = None  # the candidate failed to produce outputs
+    check: str = "deploy"  # the runtime configuration that ran: "deploy" (as shipped) or "weights_only"
+    row: str = ""  # the validation.policy row whose bounds applied
 
     @property
     def passed(self) -> bool:
@@ -48,6 +50,8 @@ class Comparison:
             "passed": self.passed,
             "tolerance": self.tolerance.to_json(),
             "error": self.error,
+            "check": self.check,
+            "row": self.row,
             "outputs": [{"name": o.name, "metrics": o.metrics, "violations": o.violations} for o in self.outputs],
         }
 

@@ -209,6 +209,20 @@ def _images(out: Path, validation: dict[str, Any]) -> str:
     return _card("Images: PyTorch vs each target", grid + tolerances)
 
 
+def runs_as(describe: dict[str, Any] | None) -> str:
+    """One runner's configuration as it ran (device and compute precision read back, or providers)."""
+    d = describe or {}
+    if d.get("inference_precision"):
+        return f"{d.get('device', '')} {d['inference_precision']}".strip()
+    if d.get("providers"):
+        return str(d["providers"])
+    return str(d.get("backend", ""))
+
+
+def _pipeline_runs_as(runners: dict[str, Any] | None) -> str:
+    return ", ".join(dict.fromkeys(runs_as(d) for d in (runners or {}).values()))
+
+
 def _components(validation: dict[str, Any]) -> str:
     results = validation.get("results") or {}
     if not results:
@@ -217,10 +231,13 @@ def _components(validation: dict[str, Any]) -> str:
     rows = []
     for key in sorted(results):
         r = results[key]
-        by_component: dict[str, list[dict]] = {}
-        for c in r.get("comparisons") or []:
-            by_component.setdefault(c["component"], []).append(c)
-        for component, comps in by_component.items():
+        by_component: dict[tuple[str, str], list[dict]] = {}
+        for c in r.get("comparisons") or []:  # the deploy check and, beside it, the weights-only one
+            by_component.setdefault((c["component"], c.get("check", "deploy")), []).append(c)
+        for (component, check), comps in by_component.items():
+            ran = (r.get("runner") or {}).get(component) if check == "deploy" else \
+                ((r.get("weights_only") or {}).get(component) or {}).get("runner")
+            how = f"{check.replace('_', ' ')}: {runs_as(ran)}" + (f", {comps[0]['row']} row" if comps[0].get("row") else "")
             metrics = [o["metrics"] for c in comps for o in c.get("outputs") or [] if o.get("metrics")]
             worst_rel = max((m["rel_l2"] for m in metrics), default=None)
             worst_cos = min((m["cosine"] for m in metrics), default=None)
@@ -229,7 +246,7 @@ def _components(validation: dict[str, Any]) -> str:
             problems = sorted({v for c in comps for o in c.get("outputs") or [] for v in o.get("violations") or []}
                               | {c["error"] for c in comps if c.get("error")})
             tol = comps[0].get("tolerance") or {}
-            rows.append([f"<b>{_e(component)}</b>", _e(key), _e(r.get("status", "numeric")),
+            rows.append([f"<b>{_e(component)}</b>", _e(key), _e(how), _e(r.get("status", "numeric")),
                          f"{passed}/{len(comps)}", _num(worst_rel, ".2e"), _num(worst_cos, ".6f"),
                          _num(worst_abs, ".2e"), _e(", ".join(f"{k} {v}" for k, v in tol.items())),
                          _badge(passed == len(comps)) + (f'<div class="why">{_e("; ".join(problems[:3]))}</div>'
@@ -239,10 +256,10 @@ def _components(validation: dict[str, Any]) -> str:
                 ok = bool(facts.get("ok"))
                 badge = (f'<span class="badge structural">{_e(structural_text(r))}</span>' if ok
                          else _badge(False, "structure FAILED"))
-                rows.append([f"<b>{_e(component)}</b>", _e(key), "structural", "not run", "–", "–", "–", "–",
+                rows.append([f"<b>{_e(component)}</b>", _e(key), "–", "structural", "not run", "–", "–", "–", "–",
                              badge + (f'<div class="why">{_e("; ".join(facts.get("problems") or []))}</div>'
                                       if facts.get("problems") else "")])
-    table = _table(["component", "variant", "status", "points passed", "worst rel L2", "worst cosine",
+    table = _table(["component", "variant", "runs as", "status", "points passed", "worst rel L2", "worst cosine",
                     "worst max abs", "tolerance", "verdict"], rows)
     return _card("Per-component comparison with PyTorch", table)
 
@@ -282,7 +299,8 @@ def _bench(bench: dict[str, Any]) -> str:
             img_rows.append([_e(e["target"]), "–", "–", "–", "–", f'<span class="why">{_e(e["error"])}</span>'])
             continue
         img_rows.append([_e(e["target"]), _num(e["median_ms"] / 1e3, ".2f") + " s", _num(e["p90_ms"] / 1e3, ".2f") + " s",
-                         _num(e.get("speedup"), ".2f") + "×", _bytes(e.get("peak_rss_delta_bytes")), ""])
+                         _num(e.get("speedup"), ".2f") + "×", _bytes(e.get("peak_rss_delta_bytes")),
+                         _e(_pipeline_runs_as(e.get("runner")))])
         img_bars.append((e["target"], e["median_ms"] / 1e3, e["target"] == baseline))
     comp_rows, comp_bars = [], []
     for e in bench.get("components") or []:
@@ -292,14 +310,16 @@ def _bench(bench: dict[str, Any]) -> str:
             continue
         comp_rows.append([f"<b>{_e(e['component'])}</b>", _e(e["target"]), _num(e["median_ms"], ".1f"),
                           _num(e["p90_ms"], ".1f"), _num(e.get("speedup"), ".2f") + "×",
-                          _bytes(e.get("peak_rss_delta_bytes")), _bytes(e.get("artifact_bytes")), ""])
+                          _bytes(e.get("peak_rss_delta_bytes")), _bytes(e.get("artifact_bytes")),
+                          _e(runs_as(e.get("runner")))])
         comp_bars.append((f"{e['component']} · {e['target']}", e["median_ms"], e["target"] == baseline))
     html = intro
     if img_rows:
-        html += "<h3>Per image</h3>" + _table(["variant", "median", "p90", "speedup", "peak RSS Δ", "note"], img_rows)
+        html += "<h3>Per image</h3>" + _table(["variant", "median", "p90", "speedup", "peak RSS Δ", "runs as / note"],
+                                              img_rows)
         html += _bar_chart(img_bars, "s")
     html += "<h3>Per component</h3>" + _table(
-        ["component", "variant", "median ms", "p90 ms", "speedup", "peak RSS Δ", "size", "note"], comp_rows)
+        ["component", "variant", "median ms", "p90 ms", "speedup", "peak RSS Δ", "size", "runs as / note"], comp_rows)
     html += _bar_chart(comp_bars, "ms")
     hw = bench.get("hardware") or {}
     html += f'<p class="note">Machine: {_e(hw.get("cpu", "?"))}, {_e(hw.get("cpu_count", "?"))} CPUs, ' \
@@ -362,7 +382,8 @@ def _generations(out: Path, generations: dict[str, Any]) -> str:
     for g in items:
         req = g.get("request") or {}
         caption = f'{_e(g.get("label"))}<br><q>{_e(req.get("prompt", ""))}</q><br>seed {_e(req.get("seed"))}, ' \
-                  f'{_e(req.get("steps"))} steps, {_num(g.get("seconds"), ".2f")} s'
+                  f'{_e(req.get("steps"))} steps, {_num(g.get("seconds"), ".2f")} s' \
+                  f'{" (" + _e(_pipeline_runs_as(g["runner"])) + ")" if g.get("runner") else ""}'
         figs.append(f'<figure class="gen">{_img(out, g.get("report_image", ""), g.get("label", ""))}'
                     f'<figcaption>{caption}</figcaption></figure>')
     return _card("Generated images", f'<div class="gallery">{"".join(figs)}</div>')

@@ -47,17 +47,20 @@ def run(args: argparse.Namespace, ui) -> int:
 
 
 def print_bench(ui, result) -> None:
+    from validation.report import runs_as
+
     s = result["settings"]
     rows = []
     for e in result["images"]:
         if "error" in e:
             rows.append([e["target"], "-", "-", "-", "-", f"[red]{e['error']}[/]"])
             continue
+        ran = ", ".join(dict.fromkeys(runs_as(d) for d in (e.get("runner") or {}).values()))
         rows.append([e["target"], f"{e['median_ms'] / 1e3:.2f} s", f"{e['p90_ms'] / 1e3:.2f} s",
-                     f"{e.get('speedup', float('nan')):.2f}x", f"{e['peak_rss_delta_bytes'] / 2**20:.0f} MiB", ""])
+                     f"{e.get('speedup', float('nan')):.2f}x", f"{e['peak_rss_delta_bytes'] / 2**20:.0f} MiB", ran])
     if rows:
         ui.table(f"per image: {s['size'][0]}x{s['size'][1]}, {s['steps']} steps",
-                 ["variant", "median", "p90", "vs torch", "peak RSS delta", "note"], rows)
+                 ["variant", "median", "p90", "vs torch", "peak RSS delta", "runs as / note"], rows)
     rows = []
     for e in result["components"]:
         size = f"{e['artifact_bytes'] / 2**20:.1f} MiB" if e.get("artifact_bytes") is not None else "-"
@@ -65,7 +68,8 @@ def print_bench(ui, result) -> None:
             rows.append([e["component"], e["target"], "-", "-", "-", "-", size, f"[red]{e['error']}[/]"])
             continue
         rows.append([e["component"], e["target"], f"{e['median_ms']:.1f}", f"{e['p90_ms']:.1f}",
-                     f"{e.get('speedup', float('nan')):.2f}x", f"{e['peak_rss_delta_bytes'] / 2**20:.0f} MiB", size, ""])
+                     f"{e.get('speedup', float('nan')):.2f}x", f"{e['peak_rss_delta_bytes'] / 2**20:.0f} MiB", size,
+                     runs_as(e.get("runner"))])
     ui.table(f"per component: batch {s['batch']}, {s['warmup']} warm-up + {s['repeat']} timed runs",
-             ["component", "variant", "median ms", "p90 ms", "vs torch", "peak RSS delta", "size", "note"], rows)
+             ["component", "variant", "median ms", "p90 ms", "vs torch", "peak RSS delta", "size", "runs as / note"], rows)
     ui.info(f"memory: {result['memory_method']}")

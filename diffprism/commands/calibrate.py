@@ -17,6 +17,9 @@ def register(sub) -> None:
     p.add_argument("--num-prompts", type=int, help="use the first N prompts (cycles when N exceeds the set)")
     p.add_argument("--steps", type=int, default=4, help="denoising steps per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i (default 0)")
+    p.add_argument("--runtime", default="torch", choices=("torch", "openvino", "onnxruntime", "auto"),
+                   help="what runs the denoising loop: the PyTorch source (default), or the exported fp32 graph on "
+                        "OpenVINO (f32 hint) or ONNX Runtime; auto: the fastest of those present")
     p.set_defaults(func=run)
 
 
@@ -26,7 +29,7 @@ def run(args: argparse.Namespace, ui) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else None
     with folder_lock(args.dir), ui.progress("calibrate") as update:
         info = calibrate_job(args.dir, prompts=prompts, num_prompts=args.num_prompts, steps=args.steps,
-                             seed=args.seed, progress=update)
+                             seed=args.seed, runtime=args.runtime, progress=update)
     ui.table(f"calibration: {len(info['prompts'])} prompts x {info['steps']} steps at {info['height']}x{info['width']}",
              ["component", "recorded calls", "shapes"],
              [[name, n, "; ".join(f"{k}{tuple(v)}" for k, v in info["shapes"][name].items())]

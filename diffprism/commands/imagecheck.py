@@ -64,6 +64,8 @@ def run_pipeline_target(args: argparse.Namespace, ui) -> int:
 
 
 def print_e2e(ui, results) -> None:
+    from validation.report import runs_as
+
     for result in results:
         rows = []
         for c in result.checks:
@@ -74,7 +76,8 @@ def print_e2e(ui, results) -> None:
         if result.error:
             rows.append(["-", "-", "-", "-", "-", f"[red]FAIL[/] {result.error}"])
         t = result.tolerance
-        ui.table(f"images: {result.label} vs PyTorch (judged as {result.precision}: latent rel L2 <= "
+        ran = ", ".join(dict.fromkeys(runs_as(d) for d in result.runner.values()))
+        ui.table(f"images: {result.label} ({ran}) vs PyTorch (judged as {result.precision}: latent rel L2 <= "
                  f"{t.latent_rel_l2:g}, PSNR >= {t.psnr:g} dB, SSIM >= {t.ssim:g})",
                  ["prompt", "seed", "latent rel L2", "PSNR dB", "SSIM", "verdict"], rows)
         status = "[green]PASSED[/]" if result.passed else "[red]FAILED[/]"

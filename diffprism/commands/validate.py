@@ -85,16 +85,20 @@ def print_result(ui, result) -> None:
     rows = []
     for c in result.comparisons:
         dims = " ".join(f"{k[0]}{v}" for k, v in c.dims.items())  # b2 h32 w32 s77
+        check = f"{c.check.replace('_', ' ')} ({c.row})" if c.row else c.check
         if c.error:
-            rows.append([c.component, c.point, dims, "-", "-", "-", f"[red]FAIL[/] {c.error}"])
+            rows.append([c.component, c.point, check, dims, "-", "-", "-", f"[red]FAIL[/] {c.error}"])
             continue
         bad = "; ".join(v for o in c.outputs for v in o.violations)
         verdict = "[green]pass[/]" if c.passed else f"[red]FAIL[/] {bad}"
-        rows.append([c.component, c.point, dims, f"{c.worst('rel_l2'):.2e}", f"{c.worst('cosine'):.6f}",
+        rows.append([c.component, c.point, check, dims, f"{c.worst('rel_l2'):.2e}", f"{c.worst('cosine'):.6f}",
                      f"{c.worst('max_abs'):.2e}", verdict])
     runner = next(iter(result.runner.values()), {})
     title = f"validation: {result.target} {result.precision} vs PyTorch ({', '.join(f'{k}={v}' for k, v in runner.items())})"
-    ui.table(title, ["component", "point", "dims (batch height width seq)", "rel L2", "cosine", "max abs", "verdict"], rows)
+    if result.weights_only:
+        ran = next(iter(result.weights_only.values()))["runner"]
+        title += f"; weights only: {', '.join(f'{k}={v}' for k, v in ran.items())}"
+    ui.table(title, ["component", "point", "check (row)", "dims (batch height width seq)", "rel L2", "cosine", "max abs", "verdict"], rows)
     status = "[green]PASSED[/]" if result.passed else "[red]FAILED[/]"
     ui.info(f"{status}: {sum(c.passed for c in result.comparisons)}/{len(result.comparisons)} comparisons within tolerance")
 

@@ -131,3 +131,42 @@ def test_cli_calibrate_without_export(tmp_path, capsys):
     from diffprism.cli import main
 
     assert main(["calibrate", str(tmp_path)]) == SourceError.exit_code
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_capture_through_the_exported_graph_matches_pytorch(sd_capture, copy_export, runtime):
+    """The denoising loop on the exported fp32 graph records what PyTorch's does (to fp32 kernel noise), and says
+    which runtime ran."""
+    from diffprism import manifest
+    from diffprism.jobs import calibrate_job
+    from validation.metrics import rel_l2
+
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    out = copy_export("tiny-sd")
+    info = calibrate_job(out, prompts=PROMPTS, steps=STEPS, seed=3, runtime=runtime)
+    assert info["runtime"]["name"] == runtime
+    assert {r["backend"] for r in info["runtime"]["runner"].values()} == {runtime}
+    assert set(info["runtime"]["runner"]) == {"text_encoder", "unet", "vae_decoder"}
+    if runtime == "openvino":
+        assert {r["inference_precision"] for r in info["runtime"]["runner"].values()} == {"f32"}
+    assert manifest.load(out)["stages"]["calibrate"]["runtime"] == runtime
+    assert info["counts"] == calibration.info(sd_capture)["counts"]
+    for name in ("unet", "vae_decoder", "vae_encoder", "text_encoder"):
+        mine, torch_feeds = calibration.load_feeds(out / "calibration", name), calibration.load_feeds(sd_capture, name)
+        for a, b in zip(mine, torch_feeds):
+            for key in b:
+                if b[key].dtype.kind == "f":  # fp32 kernel noise over the loop: the fp32 row's relative L2 bound
+                    assert a[key].shape == b[key].shape and rel_l2(b[key], a[key]) < 1e-4, (name, key)
+                else:
+                    np.testing.assert_array_equal(a[key], b[key])
+    assert calibration.info(sd_capture)["runtime"] == {"name": "torch"}
+
+
+def test_capture_runtime_auto_and_unknown():
+    from diffprism.jobs import capture_runtime
+
+    assert capture_runtime("auto") in ("openvino", "onnxruntime", "torch")
+    assert capture_runtime("torch") == "torch"
+    with pytest.raises(UsageError, match="capture runtime"):
+        capture_runtime("tensorrt")

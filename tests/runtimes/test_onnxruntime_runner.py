@@ -30,6 +30,16 @@ def test_describe_reports_the_active_providers(exported):
     with runner:
         assert runner.active_providers == runner.session.get_providers() == ["CPUExecutionProvider"]
         assert runner.describe()["providers"] == "CPUExecutionProvider"
+        # the session options it really runs with, as recorded in verdicts and benchmarks
+        assert runner.describe()["graph_optimization"] == runner.session.get_session_options().graph_optimization_level.name
+        assert runner.describe()["intra_op_threads"] == "default"
+    with _runner_threads(exported("tiny-sd"), 1) as runner:
+        assert runner.describe()["intra_op_threads"] == "1"
+
+
+def _runner_threads(out, threads: int) -> OnnxRuntimeRunner:
+    _, specs = read_tree_info(out / "onnx")
+    return OnnxRuntimeRunner(specs["text_encoder"], out / "onnx" / "text_encoder" / "model.onnx", threads=threads)
 
 
 def test_a_provider_that_did_not_start_is_an_error(exported):

@@ -160,27 +160,109 @@ def test_int4_has_4bit_weights(sd_builds):
         assert weights.get("u4", 0) + weights.get("i4", 0) > 0, (name, weights)
 
 
+def _device_default() -> str:
+    """The CPU plugin's own inference precision (bf16 on CPUs with AVX512-BF16/AMX, else f32)."""
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int4"])
 def test_validates_against_pytorch(sd, sd_builds, precision):
     from diffprism import manifest
     from diffprism.jobs import validate_job
+    from runtimes.openvino_runner import ROWS
+    from validation.policy import loosest
 
     result = validate_job(sd, target="openvino", precision=precision)
-    bad = [(c.component, c.point, c.error, [v for o in c.outputs for v in o.violations])
+    bad = [(c.component, c.point, c.check, c.error, [v for o in c.outputs for v in o.violations])
            for c in result.comparisons if not c.passed]
     assert result.passed, bad
     from exporters import reference
 
-    # every reference point of every component ran
+    # every reference point of every component ran, as deployed
     stored = sum(len(reference.load(f)) for f in (sd / "reference").glob("*.npz"))
-    assert len(result.comparisons) == stored == 11  # min, opt and a small point (the text encoder's min is its opt)
-    assert {r["hint"] for r in result.runner.values()} == {"f32"}
-    assert {r["inference_precision"] for r in result.runner.values()} == {"f32"}
+    assert stored == 11  # min, opt and a small point (the text encoder's min is its opt)
+    deploy = [c for c in result.comparisons if c.check == "deploy"]
+    weights = [c for c in result.comparisons if c.check == "weights_only"]
+    assert len(deploy) == stored
     data = manifest.load(sd)
-    assert data["validation"][f"openvino-{precision}"]["passed"]
+    entry = data["validation"][f"openvino-{precision}"]
+    if precision == "fp32":  # deployed at f32: the deploy check is the full-precision one, no second run
+        assert {r["hint"] for r in result.runner.values()} == {"f32"}
+        assert {r["inference_precision"] for r in result.runner.values()} == {"f32"}
+        assert set(result.rows.values()) == {"fp32"} and not weights and not result.weights_only
+        assert max(c.worst("rel_l2") for c in result.comparisons) < 1e-5  # same math, other kernels
+    else:
+        # Deployed at the device's own precision, read back from each compiled model, and judged by the
+        # looser of the variant's row and that precision's (an fp16 IR computed in bf16: the bf16 row).
+        assert {r["hint"] for r in result.runner.values()} == {"default"}
+        assert {r["inference_precision"] for r in result.runner.values()} == {_device_default()}
+        assert set(result.rows.values()) == {loosest([precision, ROWS[_device_default()]])}
+        if precision == "fp16" and "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            assert set(result.rows.values()) == {"bf16"}
+        assert {c.row for c in deploy} == set(result.rows.values())
+        # Beside it, the weights-only check: the same points at the f32 hint, by the variant's own row.
+        assert len(weights) == stored and {c.row for c in weights} == {precision}
+        assert {w["runner"]["inference_precision"] for w in result.weights_only.values()} == {"f32"}
+        assert entry["weights_only"] == result.weights_only
+        assert result.to_json()["checks"] == {"deploy": True, "weights_only": True}
+    assert entry["passed"] and entry["rows"] == result.rows and entry["runner"] == result.runner
+    assert entry["comparisons"] == len(result.comparisons)
     assert data["targets"][f"openvino-{precision}"]["details"]["unet"]["bytes"] > 0
-    if precision == "fp32":  # same math, other kernels
-        assert max(c.worst("rel_l2") for c in result.comparisons) < 1e-5
+
+
+def test_deploy_check_failing_fails_the_verdict(sd, sd_builds):
+    """Judged as shipped: a deploy check outside its row fails the verdict though the weights-only check passes."""
+    from diffprism import manifest
+    from diffprism.jobs import validate_job
+    from validation.policy import DEFAULTS, Policy, Tolerance
+
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU computes f32 by default: deploy and weights-only checks coincide")
+    strict = Policy(defaults={**DEFAULTS, "bf16": Tolerance(rel_l2=1e-7)})  # tighter than any bf16 result
+    result = validate_job(sd, target="openvino", precision="fp16", components=["unet"], policy=strict)
+    assert not result.passed
+    assert result.to_json()["checks"] == {"deploy": False, "weights_only": True}
+    assert manifest.load(sd)["validation"]["openvino-fp16"]["components"]["unet"]["status"] == "failed"
+    assert validate_job(sd, target="openvino", precision="fp16", components=["unet"]).passed  # restore the verdict
+
+
+def test_runners_report_the_deploy_hint(sd, sd_builds):
+    """fp16/int8 runners compile at the device default (read back from the compiled model), fp32 at f32;
+    an explicit hint option wins over the variant's configuration."""
+    from diffprism.variant import Variant
+
+    target = get_target("openvino")
+    spec = read_tree_info(sd / "onnx")[1]["unet"]
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    for precision, hint in (("fp32", "f32"), ("fp16", "default"), ("int8", "default")):
+        variant = Variant.of("openvino", precision)
+        assert variant.runtime_options() == {"hint": hint}
+        with target.runner(sd_builds[precision].out_dir, spec, **variant.runtime_options()) as r:
+            used = r.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+            assert r.describe()["inference_precision"] == used
+            assert used == ("f32" if precision == "fp32" else _device_default())
+            assert r.compute_precision() == {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}[used]
+        if "BF16" in caps and precision != "fp32":
+            assert used == "bf16"
+    options = Variant.of("openvino", "fp32").runtime_options({"hint": "bf16"})
+    assert options == {"hint": "bf16"}
+    with target.runner(sd_builds["fp32"].out_dir, spec, **options) as r:
+        if "BF16" in caps:
+            assert r.compute_precision() == "bf16"  # an fp32 IR computed in bf16 is judged by the bf16 row
+
+
+def test_hint_option_variant_is_judged_by_its_compute_precision(sd, sd_builds):
+    from diffprism.jobs import validate_job
+
+    result = validate_job(sd, target="openvino", precision="fp32", components=["unet"], runner_options={"hint": "bf16"})
+    used = {r["inference_precision"] for r in result.runner.values()}
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert used == {"bf16"} and result.rows == {"unet": "bf16"}
+    # The weights-only check beside it, at f32 and by the variant's own row, wherever the deploy run was not f32.
+    assert {w["runner"]["inference_precision"] for w in result.weights_only.values()} == {"f32"}
+    assert {w["row"] for w in result.weights_only.values()} == {"fp32"}
+    assert result.passed, [c.to_json() for c in result.comparisons if not c.passed]
+    validate_job(sd, target="openvino", precision="fp32", components=["unet"])  # the default verdict again
 
 
 # --- runner ----------------------------------------------------------------------------------
@@ -232,7 +314,8 @@ def test_static_int8_build_via_cli(sd, capfd):
                  "--option", "static=64x64", "--option", "batch=1", "--option", "int8_scheme=full"])
     doc = json.loads(capfd.readouterr().out)
     assert code == 0 and doc["passed"]
-    assert [c["point"] for c in doc["comparisons"]] == ["opt"]  # the one reference case of that fixed size
+    # the one reference case of that fixed size, as deployed and in the weights-only check beside it
+    assert [(c["point"], c["check"]) for c in doc["comparisons"]] == [("opt", "deploy"), ("opt", "weights_only")]
     assert "unet/min" in doc["skipped_points"]
 
 

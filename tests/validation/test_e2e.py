@@ -132,6 +132,45 @@ def test_openvino_variants_and_a_mix_match_pytorch(openvino_tiny_sd):
     assert int8.passed and int8.precision == "int8", int8.to_json()
     assert mix.passed and mix.precision == "int8" and mix.runner["unet"]["backend"] == "openvino"
     assert int8.checks[0].metrics["latent_rel_l2"] > fp32.checks[0].metrics["latent_rel_l2"]  # int8 really differs
+    # Each ran as deployed, recorded: fp32 at the f32 hint, int8 at the device's own inference precision.
+    default = _ov_default()
+    assert {r["inference_precision"] for r in fp32.runner.values()} == {"f32"}
+    assert {r["hint"] for r in int8.runner.values()} == {"default"}
+    assert {r["inference_precision"] for r in int8.runner.values()} == {default}
+
+
+def _ov_default() -> str:
+    import openvino as ov
+
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def test_generate_and_bench_record_the_runtime_configuration(openvino_tiny_sd, tmp_path):
+    from diffprism import manifest
+    from diffprism.e2e_jobs import bench_job, generate_job
+
+    out = openvino_tiny_sd
+    int8 = resolve(out, Placement("openvino", "int8"), {})["unet"]
+    request = Request("a red cube", steps=2, height=32, width=32)
+    info = generate_job(out, request, default=int8, image_path=tmp_path / "int8.png")
+    assert {r["hint"] for r in info["runner"].values()} == {"default"}
+    assert {r["inference_precision"] for r in info["runner"].values()} == {_ov_default()}
+    assert info["load_seconds"] > 0  # every model compiled before the timed call
+    assert manifest.load(out)["stages"]["generate"]["runner"] == info["runner"]
+    recorded = json.loads((out / "report" / "generations.json").read_text())["generations"][0]
+    assert recorded["runner"] == info["runner"]
+    forced = generate_job(out, request, default=int8, image_path=tmp_path / "f32.png", runner_options={"hint": "f32"})
+    assert {r["inference_precision"] for r in forced["runner"].values()} == {"f32"}  # an explicit option wins
+
+    result = bench_job(out, [Placement("openvino", "fp32"), int8], size=(32, 32), steps=1, warmup=0, repeat=1,
+                       image_runs=1, components=["unet"])
+    comps = {e["target"]: e for e in result["components"]}
+    assert comps["openvino-fp32"]["runner"]["inference_precision"] == "f32"
+    assert comps[int8.key]["runner"]["inference_precision"] == _ov_default()
+    images = {e["target"]: e for e in result["images"]}
+    assert {r["inference_precision"] for r in images[int8.key]["runner"].values()} == {_ov_default()}
+    assert {r["inference_precision"] for r in images["openvino-fp32"]["runner"].values()} == {"f32"}
+    assert images["torch"]["runner"] == {} and images[int8.key]["load_seconds"] > 0
 
 
 def test_generate_cli_writes_a_png_on_any_target(openvino_tiny_sd, tmp_path, capsys):

@@ -93,8 +93,9 @@ def test_report_has_images_tables_and_chart(reported):
     # two prompts x (PyTorch + onnxruntime), all 32x48 (HxW) PNGs
     assert len(page.images) == 4
     assert all(png_size(uri) == (48, 32) for uri in page.images)
-    component_rows = [r for r in page.rows if len(r) == 9 and r[1] == "onnxruntime-fp32"]
+    component_rows = [r for r in page.rows if len(r) == 10 and r[1] == "onnxruntime-fp32"]
     assert {r[0] for r in component_rows} == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
+    assert {r[2] for r in component_rows} == {"deploy: CPUExecutionProvider, fp32 row"}  # how each ran
     assert all(r[-1] == "pass" for r in component_rows)
     latency = [r for r in page.rows if len(r) == 8 and r[0] in ("text_encoder", "vae_decoder")]
     assert {(r[0], r[1]) for r in latency} == {(c, t) for c in ("text_encoder", "vae_decoder")
@@ -102,6 +103,8 @@ def test_report_has_images_tables_and_chart(reported):
     assert all(r[2].replace(".", "").isdigit() for r in latency)  # a measured median, not an error
     images = [r for r in page.rows if len(r) == 6 and r[1].endswith(" s")]  # per-image latency rows
     assert [r[0] for r in images] == ["torch", "onnxruntime-fp32"]
+    assert images[1][-1] == "CPUExecutionProvider" and all(r[-1] == "CPUExecutionProvider" for r in latency
+                                                          if r[1] == "onnxruntime-fp32")
     assert len(images) == 2
     assert page.rects == 2 + 4  # one bar per image row and per component row
     html = (reported / "report" / "report.html").read_text()
