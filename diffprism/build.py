@@ -158,15 +158,18 @@ class Keys:
                         "components": self.recipe.components, "tools": _tool_versions(tgt.tools)})
 
     def validate(self, variant: Variant) -> str:
-        tolerance = get_target(variant.target).tolerance_row(variant.config())
+        tgt = get_target(variant.target)
+        tolerance = tgt.tolerance_row(variant.config())
         bounds = self.recipe.validation.tolerances.get(tolerance, {})
         return _digest({"compile": self.compile(variant), "row": repr(row(tolerance)),
-                        "tolerances": {k: v.model_dump() for k, v in bounds.items()}})
+                        "tolerances": {k: v.model_dump() for k, v in bounds.items()},
+                        "runtime": [variant.runtime_options(), tgt.weights_only_options(variant.config())]})
 
     def e2e(self, variant: Variant) -> str:
         """The image check: the variant, its tolerance row, the prompts and steps (the size follows from the export)."""
         return _digest({"compile": self.compile(variant), "row": repr(row(variant.tolerance_row)),
-                        "prompts": self.recipe.validation.prompts, "steps": self.recipe.validation.steps})
+                        "prompts": self.recipe.validation.prompts, "steps": self.recipe.validation.steps,
+                        "runtime": variant.runtime_options()})
 
 
 def image_checked(variant: Variant) -> bool:

@@ -247,3 +247,16 @@ def test_validation_prompts_need_the_components_generation_needs(tmp_path):
     recipe = parse(PROMPTED.replace('["text_encoder", "unet", "vae_decoder"]', '["text_encoder"]'))
     with pytest.raises(UsageError, match=r"need image generation, which needs unet, vae_decoder"):
         run_build(recipe, tmp_path / "set")
+
+
+def test_validate_key_follows_the_runtime_configuration_the_variant_is_judged_at(recipe_text, monkeypatch):
+    from targets.base import get_target
+
+    recipe = parse(recipe_text + '\n[[build]]\ntarget = "openvino"\nprecision = "fp16"\n')
+    variant = recipe.build[-1].variant
+    keys = Keys(recipe)
+    before, e2e_before, compiled = keys.validate(variant), keys.e2e(variant), keys.compile(variant)
+    # The same artifact judged at another compute precision is another verdict: only validation reruns.
+    monkeypatch.setattr(type(get_target("openvino")), "runtime_options", lambda self, config: {"hint": "f16"})
+    assert keys.compile(variant) == compiled
+    assert keys.validate(variant) != before and keys.e2e(variant) != e2e_before
