@@ -135,7 +135,7 @@ class Store:
                 obj = self._object(entry["sha256"])
                 if not self.fs.exists(obj):
                     raise IntegrityError(f"store object for {printable(rel)} is missing from {self.url}",
-                                         f"rebuild the stage and push it again")
+                                         "rebuild the stage and push it again")
                 self.fs.get_file(obj, str(dest))
                 if _sha256(dest) != entry["sha256"]:
                     raise IntegrityError(f"store object for {printable(rel)} does not match its hash",

@@ -330,7 +330,7 @@ def pack_latents(latents: torch.Tensor, p: int) -> torch.Tensor:
         return latents
     b, c, h, w = latents.shape
     if h % p or w % p:
-        raise UsageError(f"latents {h}x{w} do not split into {p}x{p} patches", f"use an image size that does")
+        raise UsageError(f"latents {h}x{w} do not split into {p}x{p} patches", "use an image size that does")
     patches = latents.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
     return patches.reshape(b, (h // p) * (w // p), c * p * p)
 

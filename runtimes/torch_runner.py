@@ -1,7 +1,6 @@
 """The PyTorch reference runner: the wrapped component, on a device given as a parameter."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 

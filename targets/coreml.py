@@ -35,7 +35,7 @@ from exporters import reference
 from exporters.errors import ExportError, UsageError
 from exporters.export import REFERENCE_DIR, trace_component
 from exporters.files import staged_dir
-from exporters.spec import Axis, ComponentSpec
+from exporters.spec import ComponentSpec
 from exporters.tree import read_geometry, read_tree_info
 from targets.base import Availability, BuildResult, Target, TargetConfig
 

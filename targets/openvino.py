@@ -33,10 +33,9 @@ from pydantic import Field
 
 from exporters.calibration import CALIBRATION_DIR
 from exporters.errors import ExportError, UsageError
-from exporters.export import ONNX_DIR
 from exporters.files import staged_dir
 from exporters.onnx_writer import ONNX_NAME
-from exporters.spec import Axis, ComponentSpec, Dim
+from exporters.spec import ComponentSpec, Dim
 from exporters.tree import TREE_INFO, read_geometry, read_tree_info, write_tree_info
 from targets.base import Availability, BuildResult, Inputs, Target, TargetConfig
 

@@ -22,7 +22,7 @@ from typing import Any
 from exporters.errors import SourceError
 from exporters.files import staged_dir, write_bytes_atomic, write_json_atomic
 from exporters.spec import ComponentSpec
-from exporters.tree import read_geometry, read_tree_info
+from exporters.tree import read_geometry
 from targets.base import Availability, BuildResult, Inputs, Target, TargetConfig
 from targets.tensorrt_job import build_script
 from targets.tensorrt_plan import (

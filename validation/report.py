@@ -117,7 +117,7 @@ def _img(out: Path, rel: str, alt: str) -> str:
     path = resolve_inside(out, rel, "report image")
     if check_relpath(rel).parts[0] != REPORT_DIR or not rel.lower().endswith(".png"):
         raise IntegrityError(f"report image '{printable(rel)}' is not a PNG under {REPORT_DIR}/",
-                             f"the report JSON was tampered with: delete it, or rebuild the set")
+                             "the report JSON was tampered with: delete it, or rebuild the set")
     if not path.is_file():
         return f'<div class="missing">{_e(alt)}: image missing</div>'
     raw = path.read_bytes()
