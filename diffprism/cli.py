@@ -72,7 +72,9 @@ def _configure_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if verbose < 2:
         # torch.onnx and friends are chatty at INFO/WARNING about things users cannot act on.
-        for noisy in ("torch", "torch.onnx", "onnxscript", "torch._export", "torch.export", "coremltools"):
+        # torchao (installed for the AOTInductor int8 target) warns on import about CUDA kernels a CPU lacks.
+        for noisy in ("torch", "torch.onnx", "onnxscript", "torch._export", "torch.export", "coremltools",
+                      "torchao", "diffusers.quantizers.torchao"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
