@@ -14,6 +14,7 @@ the plan is for TensorRT 11 and the build job fills in the exact version from th
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -46,6 +47,18 @@ def detect_cc() -> int | None:
     except Exception:  # a broken CUDA install is "no GPU" for planning purposes
         log.debug("no CUDA GPU detected", exc_info=True)
     return None
+
+
+def gpu_package_availability(package: str, fix: str) -> Availability:
+    """Whether `package` imports and a CUDA GPU is visible: what the GPU targets need to run here."""
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        return Availability(False, f"the {package} Python package is not installed", fix)
+    if detect_cc() is None:
+        return Availability(False, "no CUDA GPU is visible (torch.cuda.is_available() is False)",
+                            "run on a machine with an NVIDIA GPU and a CUDA build of torch")
+    return Availability(True)
 
 
 def detect_trt_version() -> str | None:
@@ -111,14 +124,7 @@ class TensorRtTarget(Target):
         return portable if portable.is_dir() else exact  # Ampere-compatible engines also run here
 
     def availability(self) -> Availability:
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            return Availability(False, "the tensorrt Python package is not installed", EXTRA)
-        if detect_cc() is None:
-            return Availability(False, "no CUDA GPU is visible (torch.cuda.is_available() is False)",
-                                "run on a machine with an NVIDIA GPU and a CUDA build of torch")
-        return Availability(True)
+        return gpu_package_availability("tensorrt", EXTRA)
 
     def plan(self, tree: Path, specs: dict[str, ComponentSpec], config: TargetConfig) -> dict[str, Any]:
         assert isinstance(config, TensorRtConfig)

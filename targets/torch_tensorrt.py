@@ -87,14 +87,9 @@ class TorchTensorRtTarget(Target):
         return dir_name(config.precision, self._gpu(config), config.torch_version or _torch_version()).split("-", 1)[1]
 
     def availability(self) -> Availability:
-        try:
-            import torch_tensorrt  # noqa: F401
-        except ImportError:
-            return Availability(False, "the torch_tensorrt package is not installed", EXTRA)
-        if _detect_cc() is None:
-            return Availability(False, "no CUDA GPU is visible (torch.cuda.is_available() is False)",
-                                "run on a machine with an NVIDIA GPU and a CUDA build of torch")
-        return Availability(True)
+        from targets.tensorrt import gpu_package_availability
+
+        return gpu_package_availability("torch_tensorrt", EXTRA)
 
     def build_availability(self) -> Availability:
         return Availability(True)  # without torch_tensorrt and a GPU, build writes the job for a GPU machine
