@@ -129,8 +129,8 @@ def test_sigkill_at_several_points_resumes_to_the_same_hashes(built, recipe_file
     stages = out / ".stages"
     points = [
         lambda: any((out / ".staging").glob("onnx.*/text_encoder/model.onnx")),  # mid export
-        lambda: (stages / "export.json").is_file(),  # export done, compile not started
-        lambda: (stages / "compile-onnxruntime-fp32.json").is_file(),  # before validation
+        # between stages: export and compile recorded, validation not started (resumes at the next stage)
+        lambda: (stages / "compile-onnxruntime-fp32.json").is_file(),
     ]
     for ready in points:
         _kill_when(_start(recipe_file, out), ready)
@@ -148,15 +148,16 @@ def test_sigkill_at_several_points_resumes_to_the_same_hashes(built, recipe_file
 def test_export_is_byte_identical_across_processes(exported, tmp_path):
     """Same input, same bytes: hashes in manifests mean something across machines and reruns.
 
-    The SIGKILL test already compares text encoder and VAE decoder across processes; this
-    one covers the UNet against the shared session export."""
+    The SIGKILL test already compares text encoder and VAE decoder across processes; this one
+    covers the VAE encoder (the tiny-sd component no other test exports in another process)
+    against the shared session export, in one child process."""
     first = exported("tiny-sd")
     second = tmp_path / "again"
     env = {**os.environ, "PYTHONHASHSEED": "777"}  # set iteration order differs from this process
-    subprocess.run([sys.executable, "-m", "diffprism.cli", "-q", "export", "tiny-sd", "--components", "unet",
+    subprocess.run([sys.executable, "-m", "diffprism.cli", "-q", "export", "tiny-sd", "--components", "vae_encoder",
                     "--out", str(second)], check=True, env=env, stderr=subprocess.DEVNULL)
-    ours = {k: v for k, v in manifest.load(second)["files"].items() if "unet" in k}
-    theirs = {k: v for k, v in manifest.load(first)["files"].items() if "unet" in k}
+    ours = {k: v for k, v in manifest.load(second)["files"].items() if "vae_encoder" in k}
+    theirs = {k: v for k, v in manifest.load(first)["files"].items() if "vae_encoder" in k}
     assert len(ours) == 4 and ours == theirs  # model.onnx, model.onnx_data, config.json, reference npz
 
 

@@ -62,12 +62,22 @@ def test_pytorch_draws_the_prompt(pipeline):
     assert all(m.ok for m in matches), [(m.prompt, m.seen) for m in matches]
 
 
-def test_onnxruntime_draws_the_prompt(exported):
+@pytest.fixture(scope="module")
+def shapes_export(tmp_path_factory):
+    """tiny-shapes exported with only what text-to-image runs, at one reference point (no test here reads them)."""
+    from diffprism.jobs import export_job
+
+    out = tmp_path_factory.mktemp("tiny-shapes")
+    export_job("tiny-shapes", out, components=["text_encoder", "unet", "vae_decoder"], reference_points="opt")
+    return out
+
+
+def test_onnxruntime_draws_the_prompt(shapes_export):
     from exporters.tree import read_geometry
     from runtimes.onnxruntime_runner import OnnxRuntimeRunner
     from runtimes.pipeline import close, load_pipeline, runners
 
-    tree = exported("tiny-shapes") / ONNX_DIR
+    tree = shapes_export / ONNX_DIR
     pipe = load_pipeline(tree, lambda name, spec: OnnxRuntimeRunner(spec, tree / name / "model.onnx"))
     try:
         assert {r.backend for r in runners(pipe).values()} == {"onnxruntime"}

@@ -33,9 +33,9 @@ def test_images_match_pytorch_on_onnxruntime_and_openvino(openvino_dit, preset):
         assert "text_encoder_3" in results["onnxruntime-fp32"].runner
 
 
-@pytest.mark.parametrize("preset", DIT)
-def test_validate_e2e_fails_on_a_broken_transformer(copy_export, capsys, preset):
-    out = copy_export(preset)
+def test_validate_e2e_fails_on_a_broken_transformer(copy_export, capsys):
+    # The image check is the same for every family; both DiT families' e2e paths run in the test above.
+    out = copy_export("tiny-flux")
     scale_unet_weights(out / "onnx" / "transformer", 1.05)
     _record_as_exported(out, "onnx/transformer")  # else validate refuses a changed set (exit 6) before running
     # The component check covers only the (intact) VAE decoder, so the failure comes from the images.
