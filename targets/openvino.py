@@ -9,7 +9,7 @@ Precisions:
   runtime's inference precision hint, see runtimes/openvino_runner.py).
 Runtime configuration (`runtime_options`): fp32 runs at the f32 hint, every other precision at the
 device's default inference precision, as deployed; validation adds an f32-hint weights-only check.
-- int8: components in `quantize_activations` (default: the UNet, which runs every step) get
+- int8: components in `quantize_activations` (default: the denoiser, UNet or transformer, which runs every step) get
   NNCF post-training quantization calibrated on the captured UNet inputs (`diffprism calibrate`);
   the scheme is optimum-intel's hybrid one by default (activations and weights of convolutions
   and of activation-activation matmuls quantized, linear layers weight-only int8) or `full`
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 XML_NAME = "openvino_model.xml"
 BIN_NAME = "openvino_model.bin"
 EXTRA = "pip install 'diffprism[openvino]'"
+DENOISER = "denoiser"
 
 
 class OpenVinoConfig(TargetConfig):
@@ -52,7 +53,8 @@ class OpenVinoConfig(TargetConfig):
     static: str | None = None
     batch: int | None = Field(default=None, ge=1)
     # int8: components quantized with activations (calibrated); the rest are weight-only int8.
-    quantize_activations: list[str] = Field(default_factory=lambda: ["unet"])
+    # "denoiser" names the export's denoiser (the UNet, or SD3's / Flux's transformer).
+    quantize_activations: list[str] = Field(default_factory=lambda: [DENOISER])
     # hybrid: on trained tiny-shapes full int8 loses 11 points of prompt match and 6.6 dB (docs/benchmarks.md)
     int8_scheme: Literal["hybrid", "full"] = "hybrid"
     calibration_samples: int = Field(default=300, ge=1)  # at most this many captured calls per component
@@ -87,11 +89,12 @@ class OpenVinoTarget(Target):
     # -- plan (pure) ---------------------------------------------------------------------
     def plan(self, tree: Path, specs: dict[str, ComponentSpec], config: TargetConfig) -> dict[str, Any]:
         assert isinstance(config, OpenVinoConfig)
-        unknown = [c for c in config.quantize_activations if c not in specs] if config.precision == "int8" else []
+        geometry = read_geometry(tree)
+        activations = {geometry.denoiser if c == DENOISER else c for c in config.quantize_activations}
+        unknown = sorted(activations - set(specs)) if config.precision == "int8" else []
         if unknown and config.components is None:
             raise UsageError(f"quantize_activations names {unknown}, not in this export", f"exported: {list(specs)}")
         size = _parse_static(config.static) if config.static else None
-        geometry = read_geometry(tree)
         factor = geometry.vae_scale_factor
         components = {}
         for name, spec in specs.items():  # `batch` counts images: the denoiser's is 2x under guidance
@@ -101,7 +104,7 @@ class OpenVinoTarget(Target):
                 "onnx": str(tree / name / ONNX_NAME),
                 "spec": built.to_json(),
                 "shapes": _partial_shapes(built),
-                "compression": _compression(config, name),
+                "compression": _compression(config, name, activations),
             }
         out_name = self.output_dir(Path("."), config).name
         return {
@@ -189,9 +192,9 @@ class OpenVinoTarget(Target):
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _compression(config: OpenVinoConfig, component: str) -> str:
+def _compression(config: OpenVinoConfig, component: str, activations: set[str]) -> str:
     if config.precision == "int8":
-        return "int8_activations" if component in config.quantize_activations else "int8_weights"
+        return "int8_activations" if component in activations else "int8_weights"
     if config.precision == "int4":
         return "int4_weights"
     return config.precision  # fp32 / fp16
