@@ -6,7 +6,8 @@ ONNX tree) and <component>/{openvino_model.xml, openvino_model.bin, config.json}
 Precisions:
 - fp32: converted as is.
 - fp16: weights stored as f16 (OpenVINO decompresses them at load; compute precision is the
-  runtime's inference precision hint, see runtimes/openvino_runner.py).
+  runtime's inference precision hint, see runtimes/openvino_runner.py); the frequency tables of
+  sinusoidal phases stay f32 (`fp16_weights`).
 Runtime configuration (`runtime_options`): fp32 runs at the f32 hint, every other precision at the
 device's default inference precision, as deployed; validation adds an f32-hint weights-only check.
 - int8: components in `quantize_activations` (default: the denoiser, UNet or transformer, which runs every step) get
@@ -148,7 +149,9 @@ class OpenVinoTarget(Target):
                 model = _compress(model, comp["compression"], name, plan, calibration)
                 directory = tmp / name
                 directory.mkdir()
-                ov.save_model(model, str(directory / XML_NAME), compress_to_fp16=comp["compression"] == "fp16")
+                if comp["compression"] == "fp16":
+                    model = fp16_weights(model)
+                ov.save_model(model, str(directory / XML_NAME), compress_to_fp16=False)
                 shutil.copy2(tree / name / "config.json", directory / "config.json")
                 del model
                 summary = ir_summary(ov.Core().read_model(str(directory / XML_NAME)))  # what the file holds
@@ -251,6 +254,61 @@ def _copy_pipeline_files(tree: Path, dst: Path) -> None:
 
 def _onnx_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("model.onnx"))
+
+
+# Ops a position or phase computation is made of (as exporters.precision.half.index_arithmetic's).
+_PHASE_OPS = {"Convert", "Unsqueeze", "Squeeze", "Reshape", "Concat", "Multiply", "Add", "Subtract", "Divide", "Power",
+              "Exp", "Log", "Sin", "Cos", "Broadcast", "Range", "ShapeOf", "StridedSlice", "Slice", "Transpose", "Tile",
+              "Negative", "Sqrt", "Floor", "Ceiling", "Minimum", "Maximum", "Select", "Abs"}
+_MIN_FP16_ELEMENTS = 16  # scalars and shape constants stay f32
+
+
+def fp16_weights(model):
+    """The model with its f32 weights stored as f16 (a Convert back to f32 after each), except the
+    constants of sinusoidal phases.
+
+    `save_model(compress_to_fp16=True)` also compresses the frequency tables of timestep and
+    rotary embeddings: a timestep x 1000 times a frequency rounded to f16 is off by radians,
+    and a tiny Flux transformer's output by 1 % (past the fp16 bounds) although every weight is
+    fine in f16. The Python API cannot mark a constant as precise, so the compression happens here.
+    """
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    keep = set()
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in ("Sin", "Cos"):
+            continue
+        chain, stack, ok = [], [op], True
+        while stack and ok:
+            node = stack.pop()
+            kind = node.get_type_name()
+            if kind in ("Constant", "Parameter"):
+                chain.append(node)
+            elif kind in _PHASE_OPS:
+                stack.extend(i.get_source_output().get_node() for i in node.inputs())
+            else:  # a layer: the phase is computed from activations, not positions
+                ok = False
+        if ok:
+            keep.update(n.get_friendly_name() for n in chain)
+    replaced = 0
+    for op in model.get_ordered_ops():
+        if (op.get_type_name() != "Constant" or op.get_friendly_name() in keep
+                or op.get_output_element_type(0) != ov.Type.f32 or op.get_output_partial_shape(0).is_dynamic):
+            continue
+        data = op.get_data()
+        if data.size < _MIN_FP16_ELEMENTS:
+            continue
+        half = ops.constant(data.astype(np.float16), name=f"{op.get_friendly_name()}_compressed")
+        back = ops.convert(half, ov.Type.f32)
+        back.set_friendly_name(op.get_friendly_name())
+        for target in list(op.output(0).get_target_inputs()):
+            target.replace_source_output(back.output(0))
+        replaced += 1
+    log.debug("fp16: %d constant(s) stored as f16, %d phase constant(s) kept f32", replaced, len(keep))
+    model.validate_nodes_and_infer_types()
+    return model
 
 
 def _compress(model, compression: str, name: str, plan: dict[str, Any], calibration: Path):
