@@ -8,6 +8,7 @@ component with the `policy` option):
   fp16          every component fp16, with automatic fp32 islands
   bf16          bf16 weights, fp32 compute (ONNX Runtime's CPU provider has no bf16 kernels
                 for most ops)
+  (UNet below is the export's denoiser: the UNet, or SD3's / Flux's transformer)
   int8          UNet static QDQ int8 (calibrated on the captured denoising inputs; calibrate_method
                 MinMax, Entropy or Percentile), VAE fp16, text encoders dynamic int8
   int8-dynamic  UNet and text encoders dynamic int8, VAE fp16
@@ -35,7 +36,7 @@ from exporters.export import ONNX_DIR, REFERENCE_DIR
 from exporters.onnx_writer import ONNX_NAME
 from exporters.precision.quantize import CALIBRATION_METHODS
 from exporters.spec import ComponentSpec
-from exporters.tree import TREE_INFO, read_tree_info, write_tree_info
+from exporters.tree import TREE_INFO, read_geometry, read_tree_info, write_tree_info
 from targets.base import Availability, BuildResult, Inputs, Target, TargetConfig
 
 log = logging.getLogger(__name__)
@@ -44,15 +45,17 @@ METHODS = ("fp32", "fp16", "bf16", "int8", "int8-dynamic", "int4", "pruned", "qa
 TORCH_METHODS = ("pruned", "qat")  # compress the torch model and re-export: need the source pipeline
 VAE = ("vae_encoder", "vae_decoder")
 
+DENOISER = "denoiser"  # policy key of the export's denoiser (the UNet or the transformer, from its geometry)
+
 # precision -> component -> method; "*" is every other component.
 DEFAULT_POLICY: dict[str, dict[str, str]] = {
     "fp16": {"*": "fp16"},
     "bf16": {"*": "bf16"},
-    "int8": {"unet": "int8", "vae_encoder": "fp16", "vae_decoder": "fp16", "*": "int8-dynamic"},
+    "int8": {DENOISER: "int8", "vae_encoder": "fp16", "vae_decoder": "fp16", "*": "int8-dynamic"},
     "int8-dynamic": {"vae_encoder": "fp16", "vae_decoder": "fp16", "*": "int8-dynamic"},
-    "int4": {"unet": "int4", "vae_encoder": "fp16", "vae_decoder": "fp16", "*": "int8-dynamic"},
-    "pruned": {"unet": "pruned", "*": "fp32"},
-    "qat": {"unet": "qat", "*": "fp32"},
+    "int4": {DENOISER: "int4", "vae_encoder": "fp16", "vae_decoder": "fp16", "*": "int8-dynamic"},
+    "pruned": {DENOISER: "pruned", "*": "fp32"},
+    "qat": {DENOISER: "qat", "*": "fp32"},
 }
 
 
@@ -157,8 +160,10 @@ class OnnxRuntimeTarget(Target):
             plan["components"] = {name: {"method": "fp32"} for name in specs}
             return plan
         defaults = DEFAULT_POLICY[config.precision]
-        plan["components"] = {name: {"method": config.policy.get(name, defaults.get(name, defaults["*"]))}
-                              for name in specs}
+        denoiser = read_geometry(tree).denoiser
+        plan["components"] = {
+            name: {"method": config.policy.get(name, defaults.get(DENOISER if name == denoiser else name, defaults["*"]))}
+            for name in specs}
         misplaced = {n: c["method"] for n, c in plan["components"].items()
                      if c["method"] in TORCH_METHODS and c["method"] != config.precision}
         if misplaced:
@@ -241,7 +246,12 @@ def build_component(src: Path, dst: Path, spec: ComponentSpec, method: str, conf
         graph.save(graph.load(src), dst)
     elif method == "fp16":
         if config.islands:
+            # The captured steps, and the reference points validation judges at: the error of fp16
+            # differs between shapes and inputs, so the search covers both.
             feeds, details["island_inputs"] = feeds_for(out, spec, "capture-or-reference", config.island_samples)
+            if details["island_inputs"] == "capture":
+                feeds += feeds_for(out, spec, "reference", 0)[0]
+                details["island_inputs"] = "capture+reference"
             report = islands.fp16_with_islands(src, dst, feeds, work, rel_l2=config.island_rel_l2,
                                                keep_io_types=config.keep_io_types)
             details["islands"] = report.to_json()

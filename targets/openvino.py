@@ -6,10 +6,11 @@ ONNX tree) and <component>/{openvino_model.xml, openvino_model.bin, config.json}
 Precisions:
 - fp32: converted as is.
 - fp16: weights stored as f16 (OpenVINO decompresses them at load; compute precision is the
-  runtime's inference precision hint, see runtimes/openvino_runner.py).
+  runtime's inference precision hint, see runtimes/openvino_runner.py); the frequency tables of
+  sinusoidal phases stay f32 (`fp16_weights`).
 Runtime configuration (`runtime_options`): fp32 runs at the f32 hint, every other precision at the
 device's default inference precision, as deployed; validation adds an f32-hint weights-only check.
-- int8: components in `quantize_activations` (default: the UNet, which runs every step) get
+- int8: components in `quantize_activations` (default: the denoiser, UNet or transformer, which runs every step) get
   NNCF post-training quantization calibrated on the captured UNet inputs (`diffprism calibrate`);
   the scheme is optimum-intel's hybrid one by default (activations and weights of convolutions
   and of activation-activation matmuls quantized, linear layers weight-only int8) or `full`
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 XML_NAME = "openvino_model.xml"
 BIN_NAME = "openvino_model.bin"
 EXTRA = "pip install 'diffprism[openvino]'"
+DENOISER = "denoiser"
 
 
 class OpenVinoConfig(TargetConfig):
@@ -52,7 +54,8 @@ class OpenVinoConfig(TargetConfig):
     static: str | None = None
     batch: int | None = Field(default=None, ge=1)
     # int8: components quantized with activations (calibrated); the rest are weight-only int8.
-    quantize_activations: list[str] = Field(default_factory=lambda: ["unet"])
+    # "denoiser" names the export's denoiser (the UNet, or SD3's / Flux's transformer).
+    quantize_activations: list[str] = Field(default_factory=lambda: [DENOISER])
     # hybrid: on trained tiny-shapes full int8 loses 11 points of prompt match and 6.6 dB (docs/benchmarks.md)
     int8_scheme: Literal["hybrid", "full"] = "hybrid"
     calibration_samples: int = Field(default=300, ge=1)  # at most this many captured calls per component
@@ -87,11 +90,12 @@ class OpenVinoTarget(Target):
     # -- plan (pure) ---------------------------------------------------------------------
     def plan(self, tree: Path, specs: dict[str, ComponentSpec], config: TargetConfig) -> dict[str, Any]:
         assert isinstance(config, OpenVinoConfig)
-        unknown = [c for c in config.quantize_activations if c not in specs] if config.precision == "int8" else []
+        geometry = read_geometry(tree)
+        activations = {geometry.denoiser if c == DENOISER else c for c in config.quantize_activations}
+        unknown = sorted(activations - set(specs)) if config.precision == "int8" else []
         if unknown and config.components is None:
             raise UsageError(f"quantize_activations names {unknown}, not in this export", f"exported: {list(specs)}")
         size = _parse_static(config.static) if config.static else None
-        geometry = read_geometry(tree)
         factor = geometry.vae_scale_factor
         components = {}
         for name, spec in specs.items():  # `batch` counts images: the denoiser's is 2x under guidance
@@ -101,7 +105,7 @@ class OpenVinoTarget(Target):
                 "onnx": str(tree / name / ONNX_NAME),
                 "spec": built.to_json(),
                 "shapes": _partial_shapes(built),
-                "compression": _compression(config, name),
+                "compression": _compression(config, name, activations),
             }
         out_name = self.output_dir(Path("."), config).name
         return {
@@ -145,7 +149,9 @@ class OpenVinoTarget(Target):
                 model = _compress(model, comp["compression"], name, plan, calibration)
                 directory = tmp / name
                 directory.mkdir()
-                ov.save_model(model, str(directory / XML_NAME), compress_to_fp16=comp["compression"] == "fp16")
+                if comp["compression"] == "fp16":
+                    model = fp16_weights(model)
+                ov.save_model(model, str(directory / XML_NAME), compress_to_fp16=False)
                 shutil.copy2(tree / name / "config.json", directory / "config.json")
                 del model
                 summary = ir_summary(ov.Core().read_model(str(directory / XML_NAME)))  # what the file holds
@@ -189,9 +195,9 @@ class OpenVinoTarget(Target):
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _compression(config: OpenVinoConfig, component: str) -> str:
+def _compression(config: OpenVinoConfig, component: str, activations: set[str]) -> str:
     if config.precision == "int8":
-        return "int8_activations" if component in config.quantize_activations else "int8_weights"
+        return "int8_activations" if component in activations else "int8_weights"
     if config.precision == "int4":
         return "int4_weights"
     return config.precision  # fp32 / fp16
@@ -248,6 +254,61 @@ def _copy_pipeline_files(tree: Path, dst: Path) -> None:
 
 def _onnx_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("model.onnx"))
+
+
+# Ops a position or phase computation is made of (as exporters.precision.half.index_arithmetic's).
+_PHASE_OPS = {"Convert", "Unsqueeze", "Squeeze", "Reshape", "Concat", "Multiply", "Add", "Subtract", "Divide", "Power",
+              "Exp", "Log", "Sin", "Cos", "Broadcast", "Range", "ShapeOf", "StridedSlice", "Slice", "Transpose", "Tile",
+              "Negative", "Sqrt", "Floor", "Ceiling", "Minimum", "Maximum", "Select", "Abs"}
+_MIN_FP16_ELEMENTS = 16  # scalars and shape constants stay f32
+
+
+def fp16_weights(model):
+    """The model with its f32 weights stored as f16 (a Convert back to f32 after each), except the
+    constants of sinusoidal phases.
+
+    `save_model(compress_to_fp16=True)` also compresses the frequency tables of timestep and
+    rotary embeddings: a timestep x 1000 times a frequency rounded to f16 is off by radians,
+    and a tiny Flux transformer's output by 1 % (past the fp16 bounds) although every weight is
+    fine in f16. The Python API cannot mark a constant as precise, so the compression happens here.
+    """
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    keep = set()
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in ("Sin", "Cos"):
+            continue
+        chain, stack, ok = [], [op], True
+        while stack and ok:
+            node = stack.pop()
+            kind = node.get_type_name()
+            if kind in ("Constant", "Parameter"):
+                chain.append(node)
+            elif kind in _PHASE_OPS:
+                stack.extend(i.get_source_output().get_node() for i in node.inputs())
+            else:  # a layer: the phase is computed from activations, not positions
+                ok = False
+        if ok:
+            keep.update(n.get_friendly_name() for n in chain)
+    replaced = 0
+    for op in model.get_ordered_ops():
+        if (op.get_type_name() != "Constant" or op.get_friendly_name() in keep
+                or op.get_output_element_type(0) != ov.Type.f32 or op.get_output_partial_shape(0).is_dynamic):
+            continue
+        data = op.get_data()
+        if data.size < _MIN_FP16_ELEMENTS:
+            continue
+        half = ops.constant(data.astype(np.float16), name=f"{op.get_friendly_name()}_compressed")
+        back = ops.convert(half, ov.Type.f32)
+        back.set_friendly_name(op.get_friendly_name())
+        for target in list(op.output(0).get_target_inputs()):
+            target.replace_source_output(back.output(0))
+        replaced += 1
+    log.debug("fp16: %d constant(s) stored as f16, %d phase constant(s) kept f32", replaced, len(keep))
+    model.validate_nodes_and_infer_types()
+    return model
 
 
 def _compress(model, compression: str, name: str, plan: dict[str, Any], calibration: Path):

@@ -175,3 +175,18 @@ def test_flux_example_recipe_parses_with_a_t5_range():
     assert recipe.source.preset == "tiny-flux"
     assert "transformer" in recipe.components
     assert recipe.shapes.request().t5_sequence == (64, 128, 128)
+
+
+def test_flux_example_recipe_builds_and_passes_on_onnxruntime_and_openvino(tmp_path):
+    """examples/tiny-flux.toml as shipped: export, ONNX Runtime and OpenVINO builds, per-component
+    validation and the end-to-end image check with its prompt."""
+    from pathlib import Path
+
+    from diffprism.build import run_build
+
+    recipe = load(Path(__file__).parents[2] / "examples" / "tiny-flux.toml")
+    report = run_build(recipe, tmp_path / "tiny-flux")
+    assert report.passed, report.verdicts
+    assert set(report.verdicts) == {"onnxruntime-fp32", "openvino-fp32"}
+    assert all(v["status"] == "passed" for v in report.verdicts.values())
+    assert set(report.images) == set(report.verdicts)  # the prompt ran end to end on both

@@ -395,3 +395,28 @@ def test_dit_transformers_convert_and_pass_the_structural_check(built, preset):
     assert details["shapes"] == "static" and "range shapes failed" in details["fallback"]
     inputs = [i.name for i in package_spec(out / "coreml-fp16" / "transformer.mlpackage").description.input]
     assert inputs == spec.input_names
+
+
+@pytest.mark.parametrize("preset", ("tiny-sd3", "tiny-flux"))
+def test_palettized_dit_transformer_passes_the_structural_check(built, preset):
+    """4-bit palettized transformers (look-up tables in the package); their predictions need macOS."""
+    _, plain, _ = built(preset, ("transformer",))
+    out, result, specs = built(preset, ("transformer",), compress="palettize4")
+    path = out / "coreml-fp16-palettize4" / "transformer.mlpackage"
+    facts = inspect_package(path, specs["transformer"], precision="fp16", compress="palettize4")
+    assert facts["ok"], facts["problems"]
+    assert facts["ops"].get("constexpr_lut_to_dense", 0) > 0 and result.details["transformer"]["palettized_ops"] > 0
+    assert result.details["transformer"]["bytes"] < plain.details["transformer"]["bytes"]
+    assert CoreMlTarget().tolerance_row(CoreMlTarget().config(compress="palettize4")) == "int4"
+
+
+@pytest.mark.macos
+def test_palettized_flux_transformer_predictions_on_macos(built):
+    if platform.system() != "Darwin":
+        pytest.skip(f"{MAC_ONLY} (this is {platform.system()})")
+    from diffprism.jobs import validate_job
+
+    out, _, _ = built("tiny-flux", ("transformer",), compress="palettize4")
+    result = validate_job(out, target="coreml", precision="fp16", components=["transformer"],
+                          runner_options={"compress": "palettize4"})
+    assert result.status == "numeric" and result.passed, [c.to_json() for c in result.comparisons if not c.passed]
