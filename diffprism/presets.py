@@ -193,6 +193,20 @@ def tiny_sdxl(seed: int = 0):
     return _sdxl(unet, _vae(seed + 1, force_upcast=True), te1, te2, _euler())
 
 
+def tiny_lcm(seed: int = 0):
+    """Latent Consistency Model style: an SD 1.x UNet taking the guidance scale as an embedding
+    (timestep_cond, time_cond_proj_dim wide), an LCMScheduler, no classifier-free guidance."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                             set_alpha_to_one=True, original_inference_steps=50)
+    return LatentConsistencyModelPipeline(
+        vae=_vae(seed + 1), text_encoder=_text_encoder(seed + 2), tokenizer=tokenizer(),
+        unet=_unet(seed, time_cond_proj_dim=32), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def sd15_random(seed: int = 0):
     """SD 1.5 architecture (860M UNet, CLIP ViT-L text encoder, KL VAE) with random weights."""
     unet = _unet(
@@ -269,6 +283,7 @@ PRESETS = {
         Preset("tiny-shapes", tiny_shapes, "SD 1.x style, tiny, trained to draw coloured shapes (32 px)", True),
         Preset("tiny-sd3", tiny_sd3, "SD3 style (CLIP-L/G + T5, MMDiT, 16-channel VAE), tiny", True),
         Preset("tiny-flux", tiny_flux, "Flux.1-dev style (CLIP-L + T5, packed latents, guidance embedding), tiny", True),
+        Preset("tiny-lcm", tiny_lcm, "Latent Consistency Model style (timestep_cond guidance embedding), tiny", True),
         Preset("sd15-random", sd15_random, "SD 1.5 architecture, random weights (benchmarks)", False),
         Preset("sdxl-random", sdxl_random, "SDXL architecture, random weights (benchmarks)", False),
     )

@@ -99,6 +99,8 @@ def _unet_values(args: tuple, kwargs: dict, forward: Callable) -> dict[str, Any]
     timestep = torch.as_tensor(a["timestep"]).reshape(-1).float()
     values = {"sample": sample, "timestep": timestep.expand(sample.shape[0]),
               "encoder_hidden_states": a["encoder_hidden_states"]}
+    if a.get("timestep_cond") is not None:  # LCM's guidance embedding
+        values["timestep_cond"] = a["timestep_cond"]
     values.update(a.get("added_cond_kwargs") or {})
     return values
 

@@ -195,14 +195,22 @@ class T5EncoderExporter(ComponentExporter):
 
 
 class _UNetWrapper(nn.Module):
-    def __init__(self, unet: nn.Module, added_cond: bool):
+    def __init__(self, unet: nn.Module, extra_names: list[str]):
         super().__init__()
         self.unet = unet
-        self.added_cond = added_cond
+        self.extra_names = extra_names  # the spec's inputs after encoder_hidden_states, in order
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.added_cond else None
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, extra_1=None, extra_2=None, extra_3=None):
+        # torch.export takes positional tensors (no *args), so the optional inputs map by the spec's names.
+        extra = dict(zip(self.extra_names, (extra_1, extra_2, extra_3)))
+        # `timestep` is (1,) or (batch,): index it per sample so the graph broadcasts one timestep
+        # (what optimum's UNet loaders feed) without tying its size to the batch, which torch.export
+        # would otherwise do (diffusers' expand) and ONNX Runtime then takes as equal sizes.
+        count = torch.ones_like(timestep, dtype=torch.int64).sum()
+        index = torch.minimum(torch.arange(sample.shape[0], device=sample.device), count - 1)
+        added = {"text_embeds": extra["text_embeds"], "time_ids": extra["time_ids"]} if "time_ids" in extra else None
+        return self.unet(sample, timestep[index], encoder_hidden_states, timestep_cond=extra.get("timestep_cond"),
+                         added_cond_kwargs=added, return_dict=False)[0]
 
 
 class UNetExporter(ComponentExporter):
@@ -212,11 +220,16 @@ class UNetExporter(ComponentExporter):
     def spec(self, pipe, geometry, dims):
         unet = self.module(pipe)
         c = unet.config
+        # The timestep has its own dim (a graph input name of its own), equal to the batch wherever
+        # diffprism feeds it; the graph also takes one timestep for the whole batch (see _UNetWrapper).
+        steps = derived("timestep_batch", (dims["batch"],))
         inputs = [
             _f32("sample", B, c.in_channels, H, W),
-            TensorSpec("timestep", "float32", (B,), value_range=(0, 1000)),
+            TensorSpec("timestep", "float32", (Axis("timestep_batch"),), value_range=(0, 1000)),
             _f32("encoder_hidden_states", B, S, c.cross_attention_dim),
         ]
+        if c.get("time_cond_proj_dim"):  # LCM: the guidance scale as an embedding, as optimum names it
+            inputs.append(TensorSpec("timestep_cond", "float32", (B, c.time_cond_proj_dim), value_range=(-1, 1)))
         if c.addition_embed_type == "text_time":  # SDXL's added conditioning
             time_dim = 6 * c.addition_time_embed_dim
             inputs += [
@@ -225,11 +238,11 @@ class UNetExporter(ComponentExporter):
             ]
         outputs = (_f32("out_sample", B, c.out_channels, H, W),)
         return ComponentSpec(
-            self.name, tuple(inputs), outputs, (dims["batch"], dims["height"], dims["width"], dims["sequence"])
+            self.name, tuple(inputs), outputs, (dims["batch"], dims["height"], dims["width"], dims["sequence"], steps)
         )
 
     def wrap(self, module, spec):
-        return _UNetWrapper(module, "time_ids" in spec.input_names)
+        return _UNetWrapper(module, spec.input_names[3:])
 
     def latent_facts(self, module):
         ups = len(module.config.down_block_types) - 1

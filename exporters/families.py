@@ -95,6 +95,14 @@ FAMILIES = (
          Component("unet"), *VAE),
         guidance=True,
     ),
+    # Latent Consistency Models: an SD 1.x layout whose UNet takes the guidance scale as an embedding
+    # (timestep_cond), so no classifier-free guidance batch.
+    Family(
+        "lcm",
+        ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline"),
+        (_clip("text_encoder", "tokenizer"), Component("unet"), *VAE),
+        guidance=False,
+    ),
     # SD3/3.5: CLIP-L and CLIP-G with projection (pooled text_embeds + penultimate hidden state), a T5
     # encoder (optional: the pipeline pads zeros without it), an MMDiT, a 16-channel VAE.
     Family(

@@ -357,11 +357,12 @@ def select_points(spec: ComponentSpec, which: str = DEFAULT_REFERENCE_POINTS) ->
         return [("opt", spec.dim_values("opt"))]
     if which == "all":
         return list(iter_points(spec))
-    small = spec.dim_values("min")
+    small = {d.name: d.min for d in spec.dims if not d.product_of}
     for name in ("width", "batch"):  # one step up where the dim is dynamic
         if name in small:
             d = spec.dim(name)
             small[name] = min(d.max, d.min + d.multiple_of)
+    small = spec.dim_values(small)  # derived dims follow
     points, seen = [], []
     for name, values in (("min", spec.dim_values("min")), ("opt", spec.dim_values("opt")), ("small", small)):
         if values not in seen:
@@ -375,17 +376,18 @@ def iter_points(spec: ComponentSpec) -> Iterable[tuple[str, dict[str, int]]]:
     seen: set[tuple] = set()
     points: list[tuple[str, dict[str, int]]] = [(p, spec.dim_values(p)) for p in POINTS]
     names = {d.name for d in spec.dims}
+    sources = {d.name for d in spec.dims if not d.product_of}
+
+    def point(base: str, **changes: int) -> dict[str, int]:  # derived dims follow the changed sources
+        values = {k: v for k, v in spec.dim_values(base).items() if k in sources}
+        return spec.dim_values({**values, **changes})
+
     if {"height", "width"} <= names:
         h, w = spec.dim("height"), spec.dim("width")
         if h.max > h.min or w.max > w.min:
-            values = spec.dim_values("opt")
-            values["height"] = h.min
-            values["width"] = w.max
-            points.append(("nonsquare", values))
+            points.append(("nonsquare", point("opt", height=h.min, width=w.max)))
     if "batch" in names and spec.dim("batch").max > 1:
-        values = spec.dim_values("min")
-        values["batch"] = min(3, spec.dim("batch").max)
-        points.append(("batch", values))
+        points.append(("batch", point("min", batch=min(3, spec.dim("batch").max))))
     for name, values in points:
         key = tuple(sorted(values.items()))
         if key not in seen:

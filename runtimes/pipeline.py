@@ -96,13 +96,19 @@ class UNetShim(_Shim):
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, timestep_cond=None,
                 cross_attention_kwargs=None, added_cond_kwargs=None, return_dict: bool = True, **_: Any):
-        if timestep_cond is not None or cross_attention_kwargs:
-            raise UsageError("the exported UNet takes no timestep_cond or cross_attention_kwargs",
-                             "generate without LCM guidance embeddings or attention processors")
+        names = self.runner.spec.input_names
+        if cross_attention_kwargs:
+            raise UsageError("the exported UNet takes no cross_attention_kwargs", "generate without attention processors")
+        if (timestep_cond is not None) != ("timestep_cond" in names):
+            raise UsageError("the exported UNet takes timestep_cond" if timestep_cond is None else
+                             "the exported UNet takes no timestep_cond",
+                             "generate with the family's own pipeline (LCM's embeds the guidance scale)")
         batch = sample.shape[0]
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
         feed = {"sample": sample.float(), "timestep": t, "encoder_hidden_states": encoder_hidden_states.float()}
-        if "time_ids" in self.runner.spec.input_names:
+        if timestep_cond is not None:
+            feed["timestep_cond"] = timestep_cond.float()
+        if "time_ids" in names:
             if not added_cond_kwargs:
                 raise UsageError("the SDXL UNet needs text_embeds and time_ids", "use StableDiffusionXLPipeline")
             feed["text_embeds"] = added_cond_kwargs["text_embeds"].float()
@@ -343,12 +349,19 @@ def for_export(request: Request, specs: Mapping[str, ComponentSpec]) -> Request:
 
 
 def _call_options(pipe: Any, request: Request) -> dict[str, Any]:
-    """Arguments only some pipelines take: the T5 length (SD3, Flux), when the request names one."""
-    if request.max_sequence_length is None:
-        return {}
-    if "max_sequence_length" not in inspect.signature(type(pipe).__call__).parameters:
-        raise UsageError("max_sequence_length is set but the pipeline has no T5 encoder", "leave it unset")
-    return {"max_sequence_length": request.max_sequence_length}
+    """Arguments only some pipelines take, passed only when the request sets them: the negative prompt
+    (LCM's pipeline has none) and the T5 length (SD3, Flux)."""
+    params = inspect.signature(type(pipe).__call__).parameters
+    options: dict[str, Any] = {}
+    if request.negative_prompt is not None:
+        if "negative_prompt" not in params:
+            raise UsageError(f"{type(pipe).__name__} takes no negative prompt", "leave --negative-prompt unset")
+        options["negative_prompt"] = request.negative_prompt
+    if request.max_sequence_length is not None:
+        if "max_sequence_length" not in params:
+            raise UsageError("max_sequence_length is set but the pipeline has no T5 encoder", "leave it unset")
+        options["max_sequence_length"] = request.max_sequence_length
+    return options
 
 
 def generate(pipe: Any, request: Request, latents: torch.Tensor) -> Generation:
@@ -366,7 +379,7 @@ def generate(pipe: Any, request: Request, latents: torch.Tensor) -> Generation:
     start = time.perf_counter()
     with torch.no_grad():
         result = pipe(
-            prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
+            prompt=request.prompt, num_inference_steps=request.steps,
             height=request.height, width=request.width, guidance_scale=request.guidance_scale,
             latents=latents.clone(), generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np",
             callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"], **_call_options(pipe, request),
