@@ -80,6 +80,9 @@ def refit_job(out: Path, dst: Path, *, adapters: list[Any], progress: Progress |
     record = refit_export(src.pipeline, out, dst, touched=touched, source_info=info,
                           record={"from": str(Path(out).resolve()), "adapters": lora.record(adapters),
                                   "base_adapters": lora.record(base_adapters)})
+    from targets.tensorrt_refit import write_refit_jobs
+
+    record["tensorrt_refit"] = write_refit_jobs(out, dst)  # refittable engines of the base take the new weights
     new = manifest.new(request or {"command": "refit", "dir": str(out)})
     new["source"] = info
     new["stages"]["export"] = {**copy.deepcopy(data.get("stages", {}).get("export", {})), "refit": record}
