@@ -173,3 +173,17 @@ def test_adapter_arguments_and_bad_files(tmp_path, lora_file):
         lora.adapter(lora_file, float("nan"))
     with pytest.raises(SourceError, match="changed since"):
         lora.from_record([{**lora.adapter(lora_file).to_json(), "sha256": "0" * 64}])
+
+
+def test_cli_parses_lora_arguments(tmp_path, lora_file):
+    from diffprism.cli import build_parser, main
+
+    args = build_parser().parse_args(["refit", str(tmp_path), "--lora", f"{lora_file}:0.5", "--out", str(tmp_path / "n")])
+    assert args.lora == [f"{lora_file}:0.5"] and args.recalibrate
+    args = build_parser().parse_args(["export", "tiny-sd", "--out", "x", "--lora", "a.safetensors", "--lora", "b.safetensors:2"])
+    assert args.lora == ["a.safetensors", "b.safetensors:2"]
+    # A pickled adapter is refused before anything loads (SourceError's exit code, one line).
+    bad = tmp_path / "a.ckpt"
+    bad.write_bytes(b"x")
+    assert main(["-q", "export", "tiny-sd", "--out", str(tmp_path / "o"), "--lora", str(bad)]) != 0
+    assert not (tmp_path / "o" / "onnx").exists()
