@@ -56,7 +56,8 @@ def adapter(path: Path, scale: float = 1.0) -> Adapter:
         raise SourceError(f"LoRA file {path} is not safetensors; other formats can run code when loaded",
                           "convert the adapter to .safetensors")
     if not (scale == scale and abs(scale) != float("inf")):
-        raise UsageError(f"LoRA scale {scale} of {path} is not a finite number", "pass FILE:SCALE, e.g. lora.safetensors:0.8")
+        raise UsageError(f"LoRA scale {scale} of {path} is not a finite number",
+                         "pass FILE:SCALE, e.g. lora.safetensors:0.8")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -136,9 +137,8 @@ def _load(pipe: Any, a: Adapter, name: str, touched: Touched) -> None:
 def _check_storage(pipe: Any) -> None:
     from exporters.streaming import has_no_storage
 
-    for part in ("unet", "transformer", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, part, None)
-        if module is not None and has_no_storage(module):
+    for module in pipe.components.values():
+        if hasattr(module, "parameters") and next(module.parameters(), None) is not None and has_no_storage(module):
             raise UsageError("LoRA needs the weights in memory; this pipeline was loaded without them",
                              "load the source with its weights (export --no-streaming)")
 

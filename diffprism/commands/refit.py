@@ -37,5 +37,9 @@ def run(args: argparse.Namespace, ui) -> int:
         ui.table("calibration re-taken with the adapters (calibrated variants requantize from it)",
                  ["prompts", "steps", "runtime"],
                  [[str(record["recalibrated"][k]) for k in ("prompts", "steps", "runtime")]])
+    if record.get("tensorrt_refit"):
+        ui.table("TensorRT refit jobs (run on the GPU machine with the base's engines: "
+                 "python3 FOLDER/refit_engines.py --base BASE_ENGINE_FOLDER)", ["folder"],
+                 [[folder] for folder in record["tensorrt_refit"]])
     ui.emit({"ok": True, "out": str(dst), **record})
     return 0

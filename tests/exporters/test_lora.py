@@ -114,7 +114,7 @@ def test_refit_back_to_no_adapters_is_byte_identical_to_the_base(refit, exported
         assert (back / "reference" / f"{name}.npz").read_bytes() == (base / "reference" / f"{name}.npz").read_bytes()
 
 
-def test_refit_recalibrates_and_writes_the_tensorrt_refit_job(refit, base):
+def test_refit_recalibrates_and_writes_the_tensorrt_refit_job(refit, base, caplog):
     out, record = refit
     from exporters.calibration import CALIBRATION_DIR, info
     from targets.tensorrt_refit import REFIT_SCRIPT, refit_script
@@ -124,6 +124,11 @@ def test_refit_recalibrates_and_writes_the_tensorrt_refit_job(refit, base):
     assert manifest.load(out)["stages"]["calibrate"]["prompts"] == 1
     # The text encoder's LoRA changes what the UNet sees: the capture is re-taken, not copied.
     assert (out / CALIBRATION_DIR / "unet.npz").read_bytes() != (base / CALIBRATION_DIR / "unet.npz").read_bytes()
+    # int8 of the LoRA'd model requantizes from that capture (no default capture is taken).
+    with caplog.at_level("WARNING", logger="diffprism.jobs"):
+        built = compile_job(out, target="onnxruntime", precision="int8", components=["unet"])
+    assert not [r for r in caplog.records if "needs a calibration capture" in r.getMessage()]
+    assert (built.out_dir / "unet" / "model.onnx").is_file()
     [folder] = record["tensorrt_refit"]
     assert (out / folder / "plan.json").read_bytes() == (base / folder / "plan.json").read_bytes()
     script = (out / folder / REFIT_SCRIPT).read_text()
@@ -178,9 +183,11 @@ def test_adapter_arguments_and_bad_files(tmp_path, lora_file):
 def test_cli_parses_lora_arguments(tmp_path, lora_file):
     from diffprism.cli import build_parser, main
 
-    args = build_parser().parse_args(["refit", str(tmp_path), "--lora", f"{lora_file}:0.5", "--out", str(tmp_path / "n")])
+    args = build_parser().parse_args(["refit", str(tmp_path), "--lora", f"{lora_file}:0.5",
+                                      "--out", str(tmp_path / "n")])
     assert args.lora == [f"{lora_file}:0.5"] and args.recalibrate
-    args = build_parser().parse_args(["export", "tiny-sd", "--out", "x", "--lora", "a.safetensors", "--lora", "b.safetensors:2"])
+    args = build_parser().parse_args(["export", "tiny-sd", "--out", "x", "--lora", "a.safetensors",
+                                      "--lora", "b.safetensors:2"])
     assert args.lora == ["a.safetensors", "b.safetensors:2"]
     # A pickled adapter is refused before anything loads (SourceError's exit code, one line).
     bad = tmp_path / "a.ckpt"
