@@ -14,7 +14,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[openvino,coreml,aotinductor,test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[openvino,coreml,aotinductor,lora,test]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -26,6 +26,7 @@ COMMANDS = (
     "compile",
     "calibrate",
     "compress",
+    "refit",
     "build",
     "plan",
     "publish",

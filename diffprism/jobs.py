@@ -59,17 +59,29 @@ def export_work(src: sources.Source, out: Path, *, components: list[str] | None 
 def export_job(source: str, out: Path, *, components: list[str] | None = None, shapes: ShapeRequest = ShapeRequest(),
                opset: int = 18, allow_pickle: bool = False, revision: str | None = None,
                progress: Progress | None = None, request: dict[str, Any] | None = None,
-               streaming: bool | None = None, reference_points: str = DEFAULT_REFERENCE_POINTS) -> ExportResult:
+               streaming: bool | None = None, reference_points: str = DEFAULT_REFERENCE_POINTS,
+               adapters: list[Any] | None = None) -> ExportResult:
     """streaming=None: streamed for a folder source (same bytes, a fraction of the memory), with the
-    plain export as the fallback when a component cannot be streamed; True/False force one path."""
+    plain export as the fallback when a component cannot be streamed; True/False force one path.
+    adapters (exporters.lora.Adapter): LoRA fused into the weights before the trace (needs them in memory)."""
     manifest.check_output_folder(out)
     clean_staging(out)
     if progress:
         progress(f"loading {source}")
+    if adapters:
+        if streaming:
+            raise UsageError("a LoRA export cannot be streamed: the adapters are fused into weights in memory",
+                             "drop --streaming")
+        streaming = False
     auto = streaming is None
     # Pickled weights cannot be streamed (only safetensors are read tensor by tensor).
     src = sources.load(source, allow_pickle=allow_pickle, revision=revision,
                        empty=bool(streaming) if not auto else not allow_pickle, components=components)
+    if adapters:
+        from exporters import lora
+
+        lora.fuse(src.pipeline, adapters)
+        src.info = {**src.info, "adapters": lora.record(adapters)}
 
     def run(src: sources.Source, streamed: bool) -> tuple[ExportResult, dict[str, Any]]:
         return export_work(src, out, components=components, shapes=shapes, opset=opset, streaming=streamed,

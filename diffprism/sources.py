@@ -191,7 +191,19 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_recorded(info: dict[str, Any], *, allow_pickle: bool = False) -> Source:
-    """Reload the source an export recorded in its manifest (preset, folder or Hub id)."""
+    """Reload the source an export recorded in its manifest (preset, folder or Hub id), with the LoRA
+    adapters it recorded fused in."""
+    if info.get("adapters"):
+        from exporters import lora
+
+        src = _load_recorded({k: v for k, v in info.items() if k != "adapters"}, allow_pickle=allow_pickle)
+        lora.fuse(src.pipeline, lora.from_record(info["adapters"]))
+        src.info = dict(info)
+        return src
+    return _load_recorded(info, allow_pickle=allow_pickle)
+
+
+def _load_recorded(info: dict[str, Any], *, allow_pickle: bool = False) -> Source:
     kind = info.get("kind")
     if kind == "preset":
         pipe = presets.build(info["preset"], info.get("seed", 0))
@@ -206,4 +218,7 @@ def load_recorded(info: dict[str, Any], *, allow_pickle: bool = False) -> Source
         base = load_recorded(info["base"], allow_pickle=allow_pickle)
         load_student(base.pipeline, Path(info["path"]), list(info["components"]))
         return Source("compressed", info["path"], base.pipeline, dict(info))
+    if kind == "refit":  # diffprism refit: the base source; load_recorded fuses the refit's adapters
+        base = load_recorded(info["base"], allow_pickle=allow_pickle)
+        return Source("refit", info["path"], base.pipeline, dict(info))
     raise SourceError("the manifest does not record a loadable source", "re-run 'diffprism export SOURCE --out DIR'")

@@ -42,3 +42,67 @@ def compress_job(out: Path, dst: Path, *, transform: str, options: dict[str, Any
     new["stages"]["export"] = {**copy.deepcopy(data.get("stages", {}).get("export", {})), "transform": record}
     manifest.write(dst, new)
     return record
+
+
+def refit_job(out: Path, dst: Path, *, adapters: list[Any], progress: Progress | None = None,
+              request: dict[str, Any] | None = None, recalibrate: bool = True) -> dict[str, Any]:
+    """Write <dst> (onnx/, reference/, manifest last): the export in <out> with the adapters' weights and
+    the same graphs. No adapters gives the weights of the source without any (the base export's bytes).
+    A capture in <out> is re-taken in <dst> with its settings (the adapters change the activations), so
+    calibrated variants of <dst> requantize from it."""
+    from exporters import lora
+    from exporters.refit import refit_export
+
+    if Path(dst).resolve() == Path(out).resolve():
+        raise UsageError("the refit export needs its own folder", "pass --out with a new folder")
+    data = manifest.load(out)
+    if not data or not data.get("source"):
+        raise SourceError(f"{out} has no manifest recording its source", "re-run 'diffprism export SOURCE --out DIR'")
+    manifest.check_output_folder(dst)
+    clean_staging(dst)
+    recorded = data["source"]
+    base_adapters = lora.from_record(recorded.get("adapters"))
+    raw = {k: v for k, v in recorded.items() if k != "adapters"}
+    if raw.get("kind") == "refit":  # a refit of a refit starts from the same source
+        raw = raw["base"]
+    if progress:
+        progress("reloading the source pipeline")
+    src = sources.load_recorded(raw)
+    touched = lora.touched(src.pipeline, base_adapters)  # the base's own adapters: its tensors may differ too
+    if progress:
+        progress(f"fusing {len(adapters)} adapter(s)")
+    for part, names in lora.fuse(src.pipeline, adapters).items():
+        touched.setdefault(part, set()).update(names)
+    info = {"kind": "refit", "base": raw, "path": str(Path(dst).resolve()), "from": str(Path(out).resolve()),
+            "adapters": lora.record(adapters)}
+    if progress:
+        progress("rewriting weights")
+    record = refit_export(src.pipeline, out, dst, touched=touched, source_info=info,
+                          record={"from": str(Path(out).resolve()), "adapters": lora.record(adapters),
+                                  "base_adapters": lora.record(base_adapters)})
+    from targets.tensorrt_refit import write_refit_jobs
+
+    record["tensorrt_refit"] = write_refit_jobs(out, dst)  # refittable engines of the base take the new weights
+    new = manifest.new(request or {"command": "refit", "dir": str(out)})
+    new["source"] = info
+    new["stages"]["export"] = {**copy.deepcopy(data.get("stages", {}).get("export", {})), "refit": record}
+    manifest.write(dst, new)
+    capture = data.get("stages", {}).get("calibrate")
+    if recalibrate and capture:
+        record["recalibrated"] = _recalibrate(out, dst, progress)
+    return record
+
+
+def _recalibrate(out: Path, dst: Path, progress: Progress | None) -> dict[str, Any]:
+    """Re-take the base's calibration capture on the refit export with the same prompts, steps and seed."""
+    from diffprism.jobs import calibrate_job
+    from exporters import calibration
+
+    info = calibration.info(out / calibration.CALIBRATION_DIR)
+    runtime = (manifest.load(out) or {}).get("stages", {}).get("calibrate", {}).get("runtime", "torch")
+    seeds = info.get("seeds") or [0]
+    if progress:
+        progress("recalibrating with the adapters")
+    calibrate_job(dst, prompts=list(info["prompts"]), steps=int(info["steps"]), seed=int(seeds[0]), runtime=runtime,
+                  progress=progress)
+    return {"prompts": len(info["prompts"]), "steps": int(info["steps"]), "runtime": runtime}

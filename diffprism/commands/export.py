@@ -28,6 +28,9 @@ def register(sub) -> None:
                    "or opt")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled weights (.bin/.ckpt): only for sources you trust")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="fuse a LoRA adapter (.safetensors, diffusers/PEFT or kohya keys) into the weights before "
+                   "the trace, at SCALE (default 1.0); repeatable, fused in order")
     p.set_defaults(func=run)
 
 
@@ -36,11 +39,16 @@ def run(args: argparse.Namespace, ui) -> int:
     request = {"command": "export", "source": args.source, "components": args.components, "opset": args.opset,
                "batch": args.batch, "size": args.size, "sequence": args.sequence,
                **({"t5_sequence": args.t5_sequence} if args.t5_sequence else {}),
-               "streaming": args.streaming, "reference_points": args.reference_points}
+               "streaming": args.streaming, "reference_points": args.reference_points,
+               **({"lora": args.lora} if args.lora else {})}
+    from exporters import lora
+
+    adapters = lora.from_specs(args.lora)
     with folder_lock(args.out), ui.progress("export") as update:
         result = export_job(args.source, args.out, components=args.components, shapes=shapes, opset=args.opset,
                             allow_pickle=args.allow_pickle, revision=args.revision, progress=update, request=request,
-                            streaming=args.streaming, reference_points=args.reference_points)
+                            streaming=args.streaming, reference_points=args.reference_points,
+                            adapters=adapters)
     rows = []
     for c in result.components:
         dims = ", ".join(f"{d.name} {d.min}..{d.max}" for d in c.spec.dims if not d.is_static)
