@@ -383,7 +383,8 @@ def _quantize(model, name: str, plan: dict[str, Any], calibration: Path):
         # get weight-only int8 first; the quantizer then leaves them alone and quantizes the rest.
         names = _weighted_matmuls(model)
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
-                                      ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+                                      # not strict: a DiT transformer has no convolution to leave out
+                                      ignored_scope=nncf.IgnoredScope(types=["Convolution"], validate=False))
         ignored = nncf.IgnoredScope(names=names, validate=False) if names else None
     return nncf.quantize(
         model, dataset, subset_size=subset, model_type=nncf.ModelType.TRANSFORMER, ignored_scope=ignored,

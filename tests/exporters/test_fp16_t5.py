@@ -72,7 +72,9 @@ def _ops(src, names):
 
 
 def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+    info = onnx.ValueInfoProto()
+    info.CopyFrom(next(v for v in model.graph.value_info if v.name == name))
+    model.graph.output.append(info)
     return model
 
 
