@@ -53,13 +53,13 @@ $(OPTIMUM_VENVS)/%/.installed: benchmarks/%.txt
 
 optimum-venvs: $(OPTIMUM_VENVS)/optimum-onnx/.installed $(OPTIMUM_VENVS)/optimum-intel/.installed
 
-# tiny-sd and tiny-sdxl exported and compiled for OpenVINO, then loaded in optimum's ORT and OV pipelines.
+# tiny-sd, tiny-sdxl and tiny-lcm exported and compiled for OpenVINO, then loaded in optimum's ORT and OV pipelines.
 optimum-check: $(STAMP) optimum-venvs
-	for p in tiny-sd tiny-sdxl; do \
+	for p in tiny-sd tiny-sdxl tiny-lcm; do \
 	  $(BIN)/diffprism -q export $$p --out $(OPTIMUM_OUT)/$$p && \
 	  $(BIN)/diffprism -q compile $(OPTIMUM_OUT)/$$p --target openvino --precision fp32 || exit 1; \
 	done
-	DIFFPRISM_VENVS=$(OPTIMUM_VENVS) $(BIN)/python benchmarks/optimum_loaders.py $(OPTIMUM_OUT)/tiny-sd $(OPTIMUM_OUT)/tiny-sdxl \
+	DIFFPRISM_VENVS=$(OPTIMUM_VENVS) $(BIN)/python benchmarks/optimum_loaders.py $(OPTIMUM_OUT)/tiny-sd $(OPTIMUM_OUT)/tiny-sdxl $(OPTIMUM_OUT)/tiny-lcm \
 	  --json $(OPTIMUM_OUT)/loaders.json
 
 clean:
