@@ -36,6 +36,7 @@ from exporters.errors import ExportError, UsageError
 from exporters.files import staged_dir
 from exporters.onnx_writer import ONNX_NAME
 from exporters.spec import ComponentSpec, Dim
+from exporters import memory
 from exporters.tree import TREE_INFO, read_geometry, read_tree_info, write_tree_info
 from targets.base import Availability, BuildResult, Inputs, Target, TargetConfig
 
@@ -140,6 +141,9 @@ class OpenVinoTarget(Target):
                 start = time.perf_counter()
                 spec = ComponentSpec.from_json(comp["spec"])
                 specs[name] = spec
+                step = "openvino int8 weights" if comp["compression"].startswith("int") else "openvino compile"
+                memory.check(step, _onnx_bytes(tree / name), fix=f"set {memory.ENV} if the estimate is too cautious, "
+                             f"or compile '{name}' on a machine with more memory (--components)")
                 model = ov.convert_model(comp["onnx"])
                 model.reshape({k: ov.PartialShape(v) for k, v in comp["shapes"].items()})
                 model = _compress(model, comp["compression"], name, plan, calibration)

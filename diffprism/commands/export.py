@@ -26,6 +26,12 @@ def register(sub) -> None:
                    help="shape points of the PyTorch reference outputs: standard (default: min, opt and a small "
                    "off-square point), all (adds max, non-square and batch points; slow on full-size models) "
                    "or opt")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="storage dtype of the ONNX weights, converted as each tensor is streamed (compute stays "
+                   "fp32: a Cast follows each weight). Default fp32, also for bf16 sources (bf16 -> fp32 is exact)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="memory the export may use (e.g. 24G; default: available memory, or "
+                   "$DIFFPRISM_MEMORY_BUDGET); a step that would need more stops before it starts")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled weights (.bin/.ckpt): only for sources you trust")
     p.set_defaults(func=run)
@@ -36,11 +42,13 @@ def run(args: argparse.Namespace, ui) -> int:
     request = {"command": "export", "source": args.source, "components": args.components, "opset": args.opset,
                "batch": args.batch, "size": args.size, "sequence": args.sequence,
                **({"t5_sequence": args.t5_sequence} if args.t5_sequence else {}),
-               "streaming": args.streaming, "reference_points": args.reference_points}
+               "streaming": args.streaming, "reference_points": args.reference_points,
+               **({"dtype": args.dtype} if args.dtype != "fp32" else {})}
     with folder_lock(args.out), ui.progress("export") as update:
         result = export_job(args.source, args.out, components=args.components, shapes=shapes, opset=args.opset,
                             allow_pickle=args.allow_pickle, revision=args.revision, progress=update, request=request,
-                            streaming=args.streaming, reference_points=args.reference_points)
+                            streaming=args.streaming, reference_points=args.reference_points, dtype=args.dtype,
+                            memory_budget=args.memory_budget)
     rows = []
     for c in result.components:
         dims = ", ".join(f"{d.name} {d.min}..{d.max}" for d in c.spec.dims if not d.is_static)
