@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     weights = weight_bytes(args.preset)
     family = family_of(type(_empty(args.preset)).__name__)
-    part = next((comp.attribute for comp in family.components if comp.name == args.component), args.component)
+    part = next((comp.source for comp in family.components if comp.name == args.component), args.component)
     if part not in weights:
         print(f"{args.preset} has no component {args.component!r} ({', '.join(weights)})", file=sys.stderr)
         return 2

@@ -70,6 +70,8 @@ def convert(model: ir.Model, dtype: str) -> int:
         tensor = value.const_value
         if tensor is None or tensor.dtype != ir.DataType.FLOAT or tensor.size * 4 <= INLINE_BYTES:
             continue
+        if value.is_graph_output():
+            raise SourceError(f"initializer '{name}' is a graph output", "export with --dtype fp32")
         uses = list(value.uses())
         new_type = ir.DataType.from_numpy(target)
         value.const_value = ir.LazyTensor(_Converted(tensor, target), new_type, tensor.shape, name=tensor.name)
@@ -80,8 +82,6 @@ def convert(model: ir.Model, dtype: str) -> int:
                                          type=ir.TensorType(ir.DataType.FLOAT))])
         for user, index in uses:
             user.replace_input_with(index, cast.outputs[0])
-        if value.is_graph_output():
-            raise SourceError(f"initializer '{name}' is a graph output", "export with --dtype fp32")
         casts.append(cast)
     if casts:
         first = graph.node(0) if graph.num_nodes() else None
