@@ -67,11 +67,10 @@ def _presets():
     return presets.PRESETS
 
 
-def weight_bytes(preset: str) -> dict[str, int]:
+def weight_bytes(pipe) -> dict[str, int]:
     """bf16 bytes per pipeline part, from the meta-device build (nothing allocated)."""
     from diffprism import preset_cache
 
-    pipe = preset_cache.empty_build(_presets()[preset].build, 0)
     return {k: 2 * sum(p.numel() for p in m.parameters()) for k, m in preset_cache._models(pipe).items()}
 
 
@@ -110,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from exporters.families import family_of
 
-    weights = weight_bytes(args.preset)
-    family = family_of(type(_empty(args.preset)).__name__)
+    pipe = _empty(args.preset)
+    weights = weight_bytes(pipe)
+    family = family_of(type(pipe).__name__)
     part = next((comp.source for comp in family.components if comp.name == args.component), args.component)
     if part not in weights:
         print(f"{args.preset} has no component {args.component!r} ({', '.join(weights)})", file=sys.stderr)
