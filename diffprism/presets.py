@@ -1,7 +1,9 @@
 """Built-in pipelines: no network, nothing downloaded.
 
 Most are built in-process with seeded random weights: tiny ones serve tests, full-size ones
-(sd15-random, sdxl-random) serve benchmarks with the real architectures. tiny-shapes is
+(sd15-random, sdxl-random) serve benchmarks with the real architectures; the full-size DiTs
+(flux-random, sd35-medium-random) are too large to hold and are materialised into a cache folder
+once (diffprism.preset_cache), then streamed from it. tiny-shapes is
 trained (diffprism/shapes) and shipped as safetensors, so its pictures mean something.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ from exporters.spec import DEFAULT_REFERENCE_POINTS, REFERENCE_POINTS
 def register(sub) -> None:
     p = sub.add_parser("export", help="export a pipeline to an ONNX tree with PyTorch references")
     p.add_argument("source", help="diffusers folder, Hub id (org/name), or preset (tiny-sd, tiny-sd2, tiny-sdxl, "
-                   "sd15-random, sdxl-random)")
+                   "sd15-random, sdxl-random, flux-random, sd35-medium-random, ...)")
     p.add_argument("--out", required=True, type=out_dir, help="output folder")
     add_components(p)
     add_shapes(p)
