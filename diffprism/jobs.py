@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from diffprism import manifest, sources
 from diffprism.variant import Variant, resolve
+from exporters import weights_dtype
 from exporters.errors import SourceError, UsageError
 from exporters.export import ONNX_DIR, REFERENCE_DIR, ExportResult, export_pipeline
 from exporters.files import clean_staging, write_json_atomic
@@ -20,7 +21,7 @@ from exporters.spec import DEFAULT_REFERENCE_POINTS, ComponentSpec, ShapeRequest
 from exporters.streaming import StreamingUnsupported
 from exporters.tree import geometry as tree_geometry, read_tree_info
 from targets.base import get_target
-from validation.policy import Policy
+from validation.policy import Policy, loosest
 from validation.validate import WEIGHTS_ONLY, ValidationResult, validate
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,18 @@ SourceLoader = Callable[[], Any]  # -> the torch pipeline, loaded on first need
 def export_work(src: sources.Source, out: Path, *, components: list[str] | None = None,
                 shapes: ShapeRequest = ShapeRequest(), opset: int = 18, streaming: bool = False,
                 reference_points: str = DEFAULT_REFERENCE_POINTS,
-                progress: Progress | None = None) -> tuple[ExportResult, dict[str, Any]]:
+                progress: Progress | None = None, dtype: str = "fp32",
+                memory_budget: str | int | None = None) -> tuple[ExportResult, dict[str, Any]]:
     """Export the loaded source into out/onnx and out/reference; returns the result and its stage entry."""
     result = export_pipeline(
         src.pipeline, out, components=components, shapes=shapes, opset=opset, source_info=src.info,
         progress=(lambda c, s: progress(f"{c}: {s}")) if progress else None, streaming=streaming,
-        reference_points=reference_points,
+        reference_points=reference_points, dtype=dtype, memory_budget=memory_budget,
     )
     entry = {
         "family": result.family,
         "opset": opset,
+        **({"dtype": dtype} if dtype != "fp32" else {}),
         "streamed": streaming,
         "reference_points": reference_points,
         "components": {
@@ -60,7 +63,8 @@ def export_job(source: str, out: Path, *, components: list[str] | None = None, s
                opset: int = 18, allow_pickle: bool = False, revision: str | None = None,
                progress: Progress | None = None, request: dict[str, Any] | None = None,
                streaming: bool | None = None, reference_points: str = DEFAULT_REFERENCE_POINTS,
-               adapters: list[Any] | None = None) -> ExportResult:
+               adapters: list[Any] | None = None, dtype: str = "fp32",
+               memory_budget: str | int | None = None) -> ExportResult:
     """streaming=None: streamed for a folder source (same bytes, a fraction of the memory), with the
     plain export as the fallback when a component cannot be streamed; True/False force one path.
     adapters (exporters.lora.Adapter): LoRA fused into the weights before the trace (needs them in memory)."""
@@ -85,7 +89,8 @@ def export_job(source: str, out: Path, *, components: list[str] | None = None, s
 
     def run(src: sources.Source, streamed: bool) -> tuple[ExportResult, dict[str, Any]]:
         return export_work(src, out, components=components, shapes=shapes, opset=opset, streaming=streamed,
-                           reference_points=reference_points, progress=progress)
+                           reference_points=reference_points, progress=progress, dtype=dtype,
+                           memory_budget=memory_budget)
 
     try:
         result, entry = run(src, src.empty or bool(streaming))
@@ -233,7 +238,7 @@ def has_capture(out: Path) -> bool:
 def compile_work(out: Path, variant: Variant, *, components: list[str] | None = None, source: SourceLoader,
                  progress: Progress | None = None):
     """Plan and build one variant from the ONNX tree; returns (BuildResult, its manifest entry)."""
-    _, specs = tree_specs(out)
+    info, specs = tree_specs(out)
     specs = select(specs, components)
     tgt = get_target(variant.target)
     config = variant.config(components)
@@ -303,7 +308,7 @@ def split_options(target: str, options: dict[str, Any] | None) -> tuple[dict[str
 def validate_work(out: Path, variant: Variant, *, components: list[str] | None = None, policy: Policy = Policy(),
                   runner_options: dict[str, Any] | None = None, progress: Progress | None = None) -> ValidationResult:
     """Numerics against the PyTorch references, or the structural check where numerics cannot run here."""
-    _, specs = tree_specs(out)
+    info, specs = tree_specs(out)
     specs = select(specs, components)
     tgt = get_target(variant.target)
     config = variant.config()
@@ -322,7 +327,8 @@ def validate_work(out: Path, variant: Variant, *, components: list[str] | None =
         return result
     # Judged as deployed (the variant's runtime configuration), with the weights-only check beside it.
     deploy = variant.runtime_options(runner_options)
-    row = tgt.tolerance_row(config)
+    # Weights stored in half precision (export --dtype) bound what any variant of the tree can reach.
+    row = loosest([tgt.tolerance_row(config), weights_dtype.of_info(info)])
     result = validate(specs, lambda spec: tgt.runner(artifacts, spec, **deploy), out / REFERENCE_DIR,
                       target=variant.target, precision=row, policy=policy, progress=progress)
     weights = tgt.weights_only_options(config)

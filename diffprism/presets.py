@@ -1,7 +1,9 @@
 """Built-in pipelines: no network, nothing downloaded.
 
 Most are built in-process with seeded random weights: tiny ones serve tests, full-size ones
-(sd15-random, sdxl-random) serve benchmarks with the real architectures. tiny-shapes is
+(sd15-random, sdxl-random) serve benchmarks with the real architectures; the full-size DiTs
+(flux-random, sd35-medium-random) are too large to hold and are materialised into a cache folder
+once (diffprism.preset_cache), then streamed from it. tiny-shapes is
 trained (diffprism/shapes) and shipped as safetensors, so its pictures mean something.
 """
 from __future__ import annotations
@@ -129,10 +131,10 @@ def _flow_match(**kw):
     return FlowMatchEulerDiscreteScheduler(**kw)
 
 
-def _flow_vae(seed: int, scaling_factor: float, shift_factor: float):
+def _flow_vae(seed: int, scaling_factor: float, shift_factor: float, **kw):
     # SD3 and Flux VAEs: 16 latent channels, no quant convs, a shift as well as a scale.
     return _vae(seed, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
-                scaling_factor=scaling_factor, shift_factor=shift_factor)
+                scaling_factor=scaling_factor, shift_factor=shift_factor, **kw)
 
 
 def tiny_sd3(seed: int = 0):
@@ -248,6 +250,65 @@ def _clip_l(seed: int):
     )
 
 
+def _t5_xxl(seed: int):
+    # T5 v1.1 XXL encoder as Flux and SD3 ship it (google/t5-v1_1-xxl, 4.7B parameters).
+    return _t5_encoder(seed, vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                       relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                       layer_norm_epsilon=1e-6)
+
+
+def _clip_g(seed: int):
+    # OpenCLIP bigG text tower with its projection (SDXL's and SD3's second encoder).
+    return _text_encoder(seed, with_projection=True, hidden_size=1280, intermediate_size=5120,
+                         num_attention_heads=20, num_hidden_layers=32, projection_dim=1280, hidden_act="gelu",
+                         vocab_size=49408)
+
+
+def _full_flow_vae(seed: int, scaling_factor: float, shift_factor: float):
+    return _flow_vae(seed, scaling_factor, shift_factor, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                     sample_size=1024, force_upcast=True)
+
+
+def flux_random(seed: int = 0):
+    """Flux.1-dev architecture (12B transformer: 19 double + 38 single blocks, 24 x 128 heads; CLIP-L;
+    T5-XXL; the 16-channel VAE) with random weights. Too large to hold: a materialised preset."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ).eval()
+    scheduler = _flow_match(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                            base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=_full_flow_vae(seed + 1, 0.3611, 0.1159),
+        text_encoder=_clip_l(seed + 2), tokenizer=tokenizer(), text_encoder_2=_t5_xxl(seed + 3),
+        tokenizer_2=t5_tokenizer(),
+    )
+
+
+def sd35_medium_random(seed: int = 0):
+    """SD3.5-medium architecture (2.5B MMDiT with dual attention in blocks 0-12 and RMS qk-norm;
+    CLIP-L, CLIP-G, T5-XXL; the 16-channel VAE) with random weights. A materialised preset."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+    ).eval()
+    clip_l = _text_encoder(seed + 2, with_projection=True, hidden_size=768, intermediate_size=3072,
+                           num_attention_heads=12, num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu",
+                           vocab_size=49408)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=_flow_match(shift=3.0), vae=_full_flow_vae(seed + 1, 1.5305, 0.0609),
+        text_encoder=clip_l, tokenizer=tokenizer(), text_encoder_2=_clip_g(seed + 3), tokenizer_2=tokenizer(),
+        text_encoder_3=_t5_xxl(seed + 4), tokenizer_3=t5_tokenizer(),
+    )
+
+
 SHAPES_DIR = "tiny-shapes"  # under diffprism/assets: a diffusers folder, retrained by diffprism.shapes.train
 
 
@@ -272,6 +333,9 @@ class Preset:
     build: Callable[..., Any]
     description: str
     tiny: bool
+    # Too large to hold: built on the meta device, written once into a cache folder
+    # (diffprism.preset_cache) and loaded from there with its weights streamed.
+    materialised: bool = False
 
 
 PRESETS = {
@@ -286,11 +350,28 @@ PRESETS = {
         Preset("tiny-lcm", tiny_lcm, "Latent Consistency Model style (timestep_cond guidance embedding), tiny", True),
         Preset("sd15-random", sd15_random, "SD 1.5 architecture, random weights (benchmarks)", False),
         Preset("sdxl-random", sdxl_random, "SDXL architecture, random weights (benchmarks)", False),
+        Preset("flux-random", flux_random, "Flux.1-dev architecture, random bf16 weights, materialised (benchmarks)",
+               False, materialised=True),
+        Preset("sd35-medium-random", sd35_medium_random,
+               "SD3.5-medium architecture, random bf16 weights, materialised (benchmarks)", False, materialised=True),
     )
 }
 
 
 def build(name: str, seed: int = 0):
+    """The preset's pipeline; a materialised preset's models are on the meta device, their weights
+    in its cache folder (`folder(name, seed)`)."""
     if name not in PRESETS:
         raise SourceError(f"unknown preset '{name}'", f"choose from {', '.join(PRESETS)}")
+    if PRESETS[name].materialised:
+        from exporters.streaming import empty_pipeline
+
+        return empty_pipeline(folder(name, seed))
     return PRESETS[name].build(seed)
+
+
+def folder(name: str, seed: int = 0):
+    """The cache folder of a materialised preset, written on first use."""
+    from diffprism import preset_cache
+
+    return preset_cache.materialised(name, PRESETS[name].build, seed)

@@ -47,7 +47,9 @@ def load(ref: str, *, allow_pickle: bool = False, revision: str | None = None, s
     folder's file digests (a build passes the one under its .stages/)."""
     if ref in presets.PRESETS:
         pipe = presets.build(ref, seed)
-        return Source("preset", ref, pipe, {"kind": "preset", "preset": ref, "seed": seed})
+        # A materialised preset is a folder on the meta device: always streamed.
+        return Source("preset", ref, pipe, {"kind": "preset", "preset": ref, "seed": seed},
+                      empty=presets.PRESETS[ref].materialised)
     path = Path(ref).expanduser()
     if path.exists() or ref.startswith((".", "/", "~")) or not looks_like_hub_id(ref):
         return _load_folder(path, allow_pickle, empty, components, hashes)

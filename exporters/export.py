@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from exporters import onnx_writer, reference, tree
+from exporters import memory, onnx_writer, reference, tree, weights_dtype
 from exporters import streaming as streaming_mod
 from exporters.components import ComponentExporter
 from exporters.families import Family, exporter_for, family_of, select_components
@@ -72,36 +72,47 @@ def trace_component(pipe: Any, spec: ComponentSpec) -> tuple[Any, Any]:
 
 
 def export_component(pipe: Any, spec: ComponentSpec, directory: Path, opset: int,
-                     streaming: bool = False, exporter: ComponentExporter | None = None) -> tuple[Any, Path]:
+                     streaming: bool = False, exporter: ComponentExporter | None = None, dtype: str = "fp32",
+                     memory_budget: str | int | None = None) -> tuple[Any, Path]:
     """Trace one component and write directory/{model.onnx, model.onnx_data, config.json}.
 
     streaming=True traces without weights and streams them into the data file (exporters.streaming);
     the returned wrapper then runs PyTorch references with weights read layer by layer if the
     pipeline itself holds none. `exporter` defaults to the one the pipeline's family picks.
+    dtype: the weights' storage dtype (exporters.weights_dtype), converted on the way into the data file.
     """
     exporter = exporter or exporter_for(pipe, spec.name)
     module = exporter.module(pipe)
+    sizes = [p.numel() * 4 for p in module.parameters()]  # fp32: what tracing and references compute in
     if streaming or streaming_mod.has_no_storage(module):
+        fix = f"raise --memory-budget, or export '{spec.name}' on a machine with more memory"
+        memory.check("streamed export", max(sizes, default=0), fix=fix, override=memory_budget)
+        memory.check("streamed reference", max(sizes, default=0), fix=fix, override=memory_budget)
         try:
-            return _export_streamed(exporter, module, spec, directory, opset)
+            return _export_streamed(exporter, module, spec, directory, opset, dtype)
         except streaming_mod.StreamingUnsupported as exc:
             if streaming_mod.has_no_storage(module):
                 raise
             log.warning("%s: streamed export not possible (%s); using the plain export", spec.name, exc.message)
+    memory.check("plain export", sum(sizes), override=memory_budget,
+                 fix="export from a diffusers folder with --streaming (weights are streamed from its safetensors)")
     wrapper = exporter.wrap(module, spec)
     program = trace(wrapper, spec)
     model = onnx_writer.to_onnx(program, spec, opset)
+    weights_dtype.convert(model, dtype)
     path = onnx_writer.save(model, directory)
     tree.write_component_config(directory, exporter.config(module))
     del model, program
     return wrapper, path
 
 
-def _export_streamed(exporter: Any, module: Any, spec: ComponentSpec, directory: Path, opset: int) -> tuple[Any, Path]:
+def _export_streamed(exporter: Any, module: Any, spec: ComponentSpec, directory: Path, opset: int,
+                     dtype: str = "fp32") -> tuple[Any, Path]:
     folder = streaming_mod.weights_folder(module)
     source = streaming_mod.source_for(module, folder)
     empty = streaming_mod.empty_copy(module)
-    path = streaming_mod.export_streamed(exporter.wrap(empty, spec), empty, spec, source, directory, opset)
+    path = streaming_mod.export_streamed(exporter.wrap(empty, spec), empty, spec, source, directory, opset,
+                                         edit=lambda model: weights_dtype.convert(model, dtype))
     tree.write_component_config(directory, exporter.config(module))
     if streaming_mod.has_no_storage(module):  # references: a fresh meta copy that reads weights per layer
         runnable = streaming_mod.empty_copy(module)
@@ -129,13 +140,17 @@ def export_pipeline(
     progress: Progress | None = None,
     streaming: bool = False,
     reference_points: str = DEFAULT_REFERENCE_POINTS,
+    dtype: str = "fp32",
+    memory_budget: str | int | None = None,
 ) -> ExportResult:
     """Write <out>/onnx (HF-ONNX tree) and <out>/reference (PyTorch outputs), each atomically.
 
     reference_points: "small" (min and a small off-square point), "all" validation points or "opt"
-    (exporters.spec.select_points).
+    (exporters.spec.select_points). dtype: weights stored in fp32, fp16 or bf16 (computed in fp32;
+    exporters.weights_dtype); memory_budget: overrides the memory the steps are checked against.
     """
     onnx_writer.check_opset(opset)
+    weights_dtype.numpy_dtype(dtype)  # checks the name
     family, geometry, specs = plan_export(pipe, components, shapes)
     result = ExportResult(out / ONNX_DIR, family.name, specs, geometry)
     notify = progress or (lambda component, stage: None)
@@ -143,7 +158,8 @@ def export_pipeline(
         for name, spec in specs.items():
             start = time.perf_counter()
             notify(name, "export")
-            wrapper, path = export_component(pipe, spec, tree_dir / name, opset, streaming=streaming)
+            wrapper, path = export_component(pipe, spec, tree_dir / name, opset, streaming=streaming, dtype=dtype,
+                                             memory_budget=memory_budget)
             notify(name, "reference")
             points = select_points(spec, reference_points)
             reference.save(reference.compute(wrapper, spec, points), ref_dir / f"{name}.npz")
@@ -154,7 +170,7 @@ def export_pipeline(
             gc.collect()
         tree.write_pipeline_files(pipe, tree_dir, family.tokenizers, _source_dir(pipe, source_info))
         info = {"family": family.name, "precision": "fp32", "opset": opset, "source": source_info or {},
-                "geometry": geometry.to_json()}
+                "geometry": geometry.to_json(), "weights_dtype": dtype}
         tree.write_tree_info(tree_dir, info, specs)
     result.references = {name: out / REFERENCE_DIR / f"{name}.npz" for name in specs}
     return result

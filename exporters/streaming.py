@@ -135,7 +135,8 @@ class SafetensorsSource:
         arr = np.empty(e.shape, dtype=src_dtype)
         with open(e.path, "rb") as f:
             f.seek(e.start)
-            if f.readinto(memoryview(arr).cast("B")) != e.end - e.start:
+            # through a uint8 view: the buffer protocol does not know ml_dtypes' bfloat16
+            if f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != e.end - e.start:
                 raise SourceError(f"{e.path} is truncated at tensor '{key}'", "re-download or re-save the weights")
         return arr if src_dtype == dtype else arr.astype(dtype)
 
@@ -334,11 +335,12 @@ def _is_meta(tensor) -> bool:
 
 
 def export_streamed(wrapper: nn.Module, module: nn.Module, spec: ComponentSpec, source: WeightSource,
-                    directory: Path, opset: int) -> Path:
+                    directory: Path, opset: int, edit: Callable[[ir.Model], object] | None = None) -> Path:
     """Trace `wrapper` (holding the meta-device `module`) and write directory/model.onnx(+_data).
 
     Weights come from `source`, keyed like `module.state_dict()`; nothing holds more than one
-    weight tensor at a time.
+    weight tensor at a time. `edit(model)` runs on the bound graph before it is saved (weights are
+    still lazy there: exporters.weights_dtype converts each one as it is written).
     """
     if not has_no_storage(module):
         raise StreamingUnsupported("the module holds real weights", "pass a meta-device copy (empty_copy)")
@@ -363,6 +365,8 @@ def export_streamed(wrapper: nn.Module, module: nn.Module, spec: ComponentSpec, 
     del program
     log.info("%s: %d weights streamed (%d large via stand-ins, %d small read up front), %d initializers bound",
              spec.name, binder.small + binder.large, binder.large, binder.small, bound)
+    if edit is not None:
+        edit(model)
     return onnx_writer.save(model, directory)
 
 

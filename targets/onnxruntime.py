@@ -180,6 +180,9 @@ class OnnxRuntimeTarget(Target):
         config = OrtConfig(**plan["options"])
         tree = Path(plan["tree"])
         info, specs = read_tree_info(tree)
+        from exporters.weights_dtype import require_fp32
+
+        require_fp32(info, f"the ONNX Runtime {config.precision} variant")  # it converts from fp32 weights
         final = self.output_dir(out, config)
         result = BuildResult(self.name, config.precision, final)
         if source is None and any(step["method"] in TORCH_METHODS for step in plan["components"].values()):

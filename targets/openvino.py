@@ -37,6 +37,7 @@ from exporters.errors import ExportError, UsageError
 from exporters.files import staged_dir
 from exporters.onnx_writer import ONNX_NAME
 from exporters.spec import ComponentSpec, Dim
+from exporters import memory
 from exporters.tree import TREE_INFO, read_geometry, read_tree_info, write_tree_info
 from targets.base import Availability, BuildResult, Inputs, Target, TargetConfig
 
@@ -144,12 +145,18 @@ class OpenVinoTarget(Target):
                 start = time.perf_counter()
                 spec = ComponentSpec.from_json(comp["spec"])
                 specs[name] = spec
+                step = "openvino int8 weights" if comp["compression"].startswith("int") else "openvino compile"
+                memory.check(step, _onnx_bytes(tree / name), fix=f"set {memory.ENV} if the estimate is too cautious, "
+                             f"or compile '{name}' on a machine with more memory (--components)")
                 model = ov.convert_model(comp["onnx"])
                 model.reshape({k: ov.PartialShape(v) for k, v in comp["shapes"].items()})
                 model = _compress(model, comp["compression"], name, plan, calibration)
                 directory = tmp / name
                 directory.mkdir()
-                if comp["compression"] == "fp16":
+                # A half tree (export --dtype) already stores compressed weights; OpenVINO's fp16 compression
+                # of bf16 Constant->Convert chains breaks them (10% error on tiny-flux), so they stay as stored.
+                half_tree = info.get("weights_dtype", "fp32") != "fp32"
+                if comp["compression"] == "fp16" and not half_tree:
                     model = fp16_weights(model)
                 ov.save_model(model, str(directory / XML_NAME), compress_to_fp16=False)
                 shutil.copy2(tree / name / "config.json", directory / "config.json")

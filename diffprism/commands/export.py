@@ -12,7 +12,7 @@ from exporters.spec import DEFAULT_REFERENCE_POINTS, REFERENCE_POINTS
 def register(sub) -> None:
     p = sub.add_parser("export", help="export a pipeline to an ONNX tree with PyTorch references")
     p.add_argument("source", help="diffusers folder, Hub id (org/name), or preset (tiny-sd, tiny-sd2, tiny-sdxl, "
-                   "sd15-random, sdxl-random)")
+                   "sd15-random, sdxl-random, flux-random, sd35-medium-random, ...)")
     p.add_argument("--out", required=True, type=out_dir, help="output folder")
     add_components(p)
     add_shapes(p)
@@ -26,6 +26,12 @@ def register(sub) -> None:
                    help="shape points of the PyTorch reference outputs: standard (default: min, opt and a small "
                    "off-square point), all (adds max, non-square and batch points; slow on full-size models) "
                    "or opt")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="storage dtype of the ONNX weights, converted as each tensor is streamed (compute stays "
+                   "fp32: a Cast follows each weight). Default fp32, also for bf16 sources (bf16 -> fp32 is exact)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="memory the export may use (e.g. 24G; default: available memory, or "
+                   "$DIFFPRISM_MEMORY_BUDGET); a step that would need more stops before it starts")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled weights (.bin/.ckpt): only for sources you trust")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
@@ -40,7 +46,8 @@ def run(args: argparse.Namespace, ui) -> int:
                "batch": args.batch, "size": args.size, "sequence": args.sequence,
                **({"t5_sequence": args.t5_sequence} if args.t5_sequence else {}),
                "streaming": args.streaming, "reference_points": args.reference_points,
-               **({"lora": args.lora} if args.lora else {})}
+               **({"lora": args.lora} if args.lora else {}),
+               **({"dtype": args.dtype} if args.dtype != "fp32" else {})}
     from exporters import lora
 
     adapters = lora.from_specs(args.lora)
@@ -48,7 +55,7 @@ def run(args: argparse.Namespace, ui) -> int:
         result = export_job(args.source, args.out, components=args.components, shapes=shapes, opset=args.opset,
                             allow_pickle=args.allow_pickle, revision=args.revision, progress=update, request=request,
                             streaming=args.streaming, reference_points=args.reference_points,
-                            adapters=adapters)
+                            adapters=adapters, dtype=args.dtype, memory_budget=args.memory_budget)
     rows = []
     for c in result.components:
         dims = ", ".join(f"{d.name} {d.min}..{d.max}" for d in c.spec.dims if not d.is_static)
