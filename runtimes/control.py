@@ -47,3 +47,15 @@ def control_digest(path: str | None) -> str | None:
     if path is None or not Path(path).is_file():
         return None
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def control_options(pipe, path: str | None, height: int, width: int) -> dict:
+    """The pipeline call's control image argument: {"image": ...} for a ControlNet pipeline (one whose
+    call takes controlnet_conditioning_scale), {} otherwise (an error if a control image was asked for)."""
+    import inspect
+
+    if "controlnet_conditioning_scale" in inspect.signature(type(pipe).__call__).parameters:
+        return {"image": load_control_image(path, height, width)}
+    if path is not None:
+        raise UsageError("a control image is given but the pipeline has no ControlNet", "leave --control-image off")
+    return {}

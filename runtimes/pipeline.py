@@ -31,7 +31,7 @@ from exporters.geometry import Geometry
 from exporters.spec import ComponentSpec, dim_opt
 from exporters.tree import read_tree_info
 from runtimes.base import Runner
-from runtimes.control import control_digest, load_control_image
+from runtimes.control import control_digest, control_options
 
 log = logging.getLogger(__name__)
 
@@ -411,15 +411,10 @@ def for_export(request: Request, specs: Mapping[str, ComponentSpec]) -> Request:
 def _call_options(pipe: Any, request: Request) -> dict[str, Any]:
     """Arguments only some pipelines take: the T5 length (SD3, Flux), when the request names one; a
     ControlNet pipeline's control image (the request's, or the drawn default)."""
-    params = inspect.signature(type(pipe).__call__).parameters
-    options: dict[str, Any] = {}
-    if "controlnet_conditioning_scale" in params:
-        options["image"] = load_control_image(request.control_image, request.height, request.width)
-    elif request.control_image is not None:
-        raise UsageError("a control image is given but the pipeline has no ControlNet", "leave --control-image off")
+    options = control_options(pipe, request.control_image, request.height, request.width)
     if request.max_sequence_length is None:
         return options
-    if "max_sequence_length" not in params:
+    if "max_sequence_length" not in inspect.signature(type(pipe).__call__).parameters:
         raise UsageError("max_sequence_length is set but the pipeline has no T5 encoder", "leave it unset")
     return {**options, "max_sequence_length": request.max_sequence_length}
 
