@@ -87,12 +87,42 @@ def test_tensorrt_plan_has_profiles_for_residuals_and_the_control_image(exported
     assert "conditioning_scale" not in cn  # static (1,): no profile needed
 
 
-def test_sdxl_controlnet_exports_and_validates(exported):
-    from diffprism.jobs import validate_job
+def test_sdxl_controlnet_exports_and_validates(tmp_path):
+    from diffprism.jobs import export_job, validate_job
 
-    out = exported("tiny-sdxl-controlnet")
+    # The two components ControlNet adds; SDXL's text encoders and VAE are tiny-sdxl's (tested there).
+    out = tmp_path / "sdxl"
+    export_job("tiny-sdxl-controlnet", out, components=["controlnet", "unet"], reference_points="opt")
     _, specs = read_tree_info(out / "onnx")
     assert specs["controlnet"].input_names[3:5] == ["text_embeds", "time_ids"]  # SDXL's added conditioning
     assert specs["unet"].input_names[-1] == "mid_block_additional_residual"
     result = validate_job(out, target="onnxruntime", components=["controlnet"])
     assert result.passed, [(c.point, c.error) for c in result.comparisons if not c.passed]
+
+
+def test_coreml_converts_the_controlnet_and_its_unet(exported, pipeline, tmp_path):
+    pytest.importorskip("coremltools")
+    import coremltools as ct
+
+    from targets.coreml import CoreMlTarget
+    from targets.coreml_inspect import inspect_package
+
+    src, out = exported(SD), tmp_path / "coreml"
+    out.mkdir()
+    for part in ("onnx", "reference"):
+        (out / part).symlink_to(src / part)
+    target = CoreMlTarget()
+    _, specs = read_tree_info(out / "onnx")
+    specs = {n: specs[n] for n in ("controlnet", "unet")}
+    plan = target.plan(out / "onnx", specs, target.config(components=list(specs)))
+    result = target.build(plan, out, source=pipeline(SD))
+    for name, spec in specs.items():
+        path = out / "coreml-fp16" / f"{name}.mlpackage"
+        facts = inspect_package(path, spec, precision="fp16", compress="none")
+        assert facts["ok"], facts["problems"]
+        assert result.details[name]["program_rel_l2"] < 1e-4  # the converted program reproduces the reference
+    unet = ct.utils.load_spec(str(out / "coreml-fp16" / "unet.mlpackage"))
+    residual = next(i for i in unet.description.input if i.name == "down_block_additional_residuals.2")
+    h = specs["unet"].dim("height")
+    assert [(r.lowerBound, r.upperBound) for r in residual.type.multiArrayType.shapeRange.sizeRanges][2] == \
+        (h.min // 2, h.max // 2)
