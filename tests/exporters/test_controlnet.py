@@ -126,3 +126,14 @@ def test_coreml_converts_the_controlnet_and_its_unet(exported, pipeline, tmp_pat
     h = specs["unet"].dim("height")
     assert [(r.lowerBound, r.upperBound) for r in residual.type.multiArrayType.shapeRange.sizeRanges][2] == \
         (h.min // 2, h.max // 2)
+
+
+def test_calibration_captures_the_controlnet_and_the_residuals(pipeline, tmp_path):
+    from exporters.calibration import capture, load_feeds
+
+    folder = capture(pipeline(SD), tmp_path, prompts=["a red cube"], steps=1, height=32, width=32)
+    (unet,) = load_feeds(folder, "unet")  # one step, checked against the spec when recorded
+    assert set(DOWN) <= set(unet) and unet["mid_block_additional_residual"].shape[1] == 64
+    assert np.abs(unet["down_block_additional_residuals.0"]).max() > 0  # the ControlNet's, not zeros
+    (cn,) = load_feeds(folder, "controlnet")
+    assert cn["conditioning_scale"].tolist() == [1.0] and cn["controlnet_cond"].shape[:2] == (2, 3)

@@ -62,7 +62,7 @@ def test_the_image_follows_the_control_image(openvino_controlnet, tmp_path):
     same = _generate(out, tmp_path, "same", "--control-image", str(drawn))
     other = _generate(out, tmp_path, "other", "--control-image", str(flipped))
     assert np.abs(default - same).max() <= 1  # the default is the drawn image
-    assert np.abs(default - other).mean() > 2  # another control image, another picture
+    assert np.abs(default - other).mean() > 1  # another control image, another picture (2.4 / 255 measured)
 
 
 def test_validate_e2e_with_a_control_image(openvino_controlnet, tmp_path, capsys):
