@@ -122,7 +122,9 @@ def test_coreml_converts_the_controlnet_and_its_unet(exported, pipeline, tmp_pat
         assert facts["ok"], facts["problems"]
         assert result.details[name]["program_rel_l2"] < 1e-4  # the converted program reproduces the reference
     unet = ct.utils.load_spec(str(out / "coreml-fp16" / "unet.mlpackage"))
-    residual = next(i for i in unet.description.input if i.name == "down_block_additional_residuals.2")
+    # Core ML feature names are identifiers (`down_block_additional_residuals_2`): match by position.
+    residual = unet.description.input[specs["unet"].input_names.index("down_block_additional_residuals.2")]
+    assert residual.name == "down_block_additional_residuals_2"
     h = specs["unet"].dim("height")
     assert [(r.lowerBound, r.upperBound) for r in residual.type.multiArrayType.shapeRange.sizeRanges][2] == \
         (h.min // 2, h.max // 2)
