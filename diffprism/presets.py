@@ -209,6 +209,53 @@ def tiny_lcm(seed: int = 0):
     )
 
 
+def _controlnet(unet, vae_scale: int, seed: int):
+    """A ControlNet from the UNet's config (ControlNetModel.from_unet) with seeded random weights.
+
+    Its conditioning embedding downsamples the control image to the latent size (one stride-2 conv per
+    VAE halving). from_unet zero-initializes the output convolutions, so they get random weights too:
+    a tiny preset's ControlNet must change the image, or no test could see the conditioning.
+    """
+    from diffusers import ControlNetModel
+
+    halvings = vae_scale.bit_length() - 1
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(16 * 2**i for i in range(halvings + 1)),
+                                    load_weights_from_unet=False).eval()
+    with torch.no_grad():
+        for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block):
+            torch.nn.init.normal_(conv.weight, std=0.05)
+            torch.nn.init.zeros_(conv.bias)
+        # A strong control embedding: with a weaker one a random ControlNet barely tells two edge maps apart.
+        torch.nn.init.normal_(net.controlnet_cond_embedding.conv_out.weight, std=1.0)
+        torch.nn.init.zeros_(net.controlnet_cond_embedding.conv_out.bias)
+    return net
+
+
+def tiny_sd_controlnet(seed: int = 0):
+    """tiny-sd with a ControlNet built from its UNet's config (StableDiffusionControlNetPipeline)."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    base = tiny_sd(seed)
+    return StableDiffusionControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        controlnet=_controlnet(base.unet, base.vae_scale_factor, seed + 5), scheduler=base.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_controlnet(seed: int = 0):
+    """tiny-sdxl with a ControlNet built from its UNet's config (StableDiffusionXLControlNetPipeline)."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    base = tiny_sdxl(seed)
+    return StableDiffusionXLControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2, unet=base.unet, controlnet=_controlnet(base.unet, base.vae_scale_factor, seed + 5),
+        scheduler=base.scheduler, add_watermarker=False,
+    )
+
+
 def sd15_random(seed: int = 0):
     """SD 1.5 architecture (860M UNet, CLIP ViT-L text encoder, KL VAE) with random weights."""
     unet = _unet(
@@ -348,6 +395,8 @@ PRESETS = {
         Preset("tiny-sd3", tiny_sd3, "SD3 style (CLIP-L/G + T5, MMDiT, 16-channel VAE), tiny", True),
         Preset("tiny-flux", tiny_flux, "Flux.1-dev style (CLIP-L + T5, packed latents, guidance embedding), tiny", True),
         Preset("tiny-lcm", tiny_lcm, "Latent Consistency Model style (timestep_cond guidance embedding), tiny", True),
+        Preset("tiny-sd-controlnet", tiny_sd_controlnet, "tiny-sd with a ControlNet (random weights)", True),
+        Preset("tiny-sdxl-controlnet", tiny_sdxl_controlnet, "tiny-sdxl with a ControlNet (random weights)", True),
         Preset("sd15-random", sd15_random, "SD 1.5 architecture, random weights (benchmarks)", False),
         Preset("sdxl-random", sdxl_random, "SDXL architecture, random weights (benchmarks)", False),
         Preset("flux-random", flux_random, "Flux.1-dev architecture, random bf16 weights, materialised (benchmarks)",

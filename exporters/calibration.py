@@ -23,11 +23,13 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
+from exporters.components import DOWN_RESIDUALS, MID_RESIDUAL
 from exporters.errors import SourceError, UsageError
 from exporters.files import staged_dir, write_json_atomic
 from exporters.geometry import Geometry
 from exporters.reference import save_npz
 from exporters.spec import ComponentSpec, dim_opt
+from runtimes.control import control_options
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +118,31 @@ def _transformer_values(args: tuple, kwargs: dict, forward: Callable) -> dict[st
     return values
 
 
+def _controlled_unet_values(args: tuple, kwargs: dict, forward: Callable) -> dict[str, Any]:
+    """The UNet of a ControlNet pipeline: its inputs plus the residuals, one input each."""
+    a = _bound(forward, args, kwargs)
+    values = _unet_values(args, kwargs, forward)
+    values.update({f"{DOWN_RESIDUALS}.{i}": r for i, r in enumerate(a["down_block_additional_residuals"])})
+    values[MID_RESIDUAL] = a["mid_block_additional_residual"]
+    return values
+
+
+def _controlnet_values(args: tuple, kwargs: dict, forward: Callable) -> dict[str, Any]:
+    a = _bound(forward, args, kwargs)
+    values = _unet_values(args, kwargs, forward)
+    values["controlnet_cond"] = a["controlnet_cond"]
+    values["conditioning_scale"] = torch.as_tensor(a.get("conditioning_scale", 1.0), dtype=torch.float32).reshape(1)
+    return values
+
+
 def _text_values(args: tuple, kwargs: dict, forward: Callable) -> dict[str, Any]:
     return {"input_ids": _bound(forward, args, kwargs)["input_ids"]}
 
 
 # Exporter kind -> the spec's inputs from a call of the module (forward args and kwargs).
 CAPTURE: dict[str, Callable[[tuple, dict, Callable], dict[str, Any]]] = {
-    "unet": _unet_values, "clip_text": _text_values, "clip_text_projection": _text_values,
+    "unet": _unet_values, "unet_controlled": _controlled_unet_values, "controlnet": _controlnet_values,
+    "clip_text": _text_values, "clip_text_projection": _text_values,
     "t5_encoder": _text_values, "sd3_transformer": _transformer_values, "flux_transformer": _transformer_values,
 }
 
@@ -189,6 +209,7 @@ def capture(pipe: Any, out: Path, *, prompts: list[str] | None = None, steps: in
     seeds = [seed + i for i in range(len(prompts))]
     t5 = dim_opt(specs, "t5_sequence")  # SD3/Flux pad T5 prompts to the exported length
     options = {} if t5 is None else {"max_sequence_length": t5}
+    options.update(control_options(pipe, None, height, width))  # a ControlNet pipeline: the drawn control image
     with torch.no_grad(), _hooks(pipe, recorder):
         for i, (prompt, s) in enumerate(zip(prompts, seeds)):
             generator = torch.Generator("cpu").manual_seed(s)

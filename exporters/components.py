@@ -42,6 +42,8 @@ class ComponentExporter(ABC):
     role: str = "other"  # "text_encoder", "denoiser" or "vae": what geometry asks the kind about
     sequence_dim: str = "sequence"  # a text encoder's token dim (T5's is "t5_sequence")
     latent_packing: int = 1  # a denoiser taking p x p latent patches packed into tokens (Flux: 2)
+    guided = False  # besides the denoiser, runs on its classifier-free guidance batch (a ControlNet)
+    controlled_kind: str | None = None  # the kind taking a ControlNet's residuals, if any
 
     def __init__(self, name: str, attribute: str | None = None, outputs: tuple[str, ...] = ()):
         self.name = name
@@ -200,22 +202,76 @@ class _UNetWrapper(nn.Module):
         self.unet = unet
         self.extra_names = extra_names  # the spec's inputs after encoder_hidden_states, in order
 
-    def forward(self, sample, timestep, encoder_hidden_states, extra_1=None, extra_2=None, extra_3=None):
-        # torch.export takes positional tensors (no *args), so the optional inputs map by the spec's names.
-        extra = dict(zip(self.extra_names, (extra_1, extra_2, extra_3)))
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        # The optional inputs (timestep_cond, SDXL's added conditioning, a ControlNet's residuals) map by
+        # the spec's names; their count follows the model, so they come as *args (see trace._by_signature).
+        extra = dict(zip(self.extra_names, rest))
         # `timestep` is (1,) or (batch,): index it per sample so the graph broadcasts one timestep
         # (what optimum's UNet loaders feed) without tying its size to the batch, which torch.export
         # would otherwise do (diffusers' expand) and ONNX Runtime then takes as equal sizes.
         count = torch.ones_like(timestep, dtype=torch.int64).sum()
         index = torch.minimum(torch.arange(sample.shape[0], device=sample.device), count - 1)
         added = {"text_embeds": extra["text_embeds"], "time_ids": extra["time_ids"]} if "time_ids" in extra else None
+        residuals = {}
+        if MID_RESIDUAL in extra:
+            residuals = {"down_block_additional_residuals": tuple(v for k, v in extra.items()
+                                                                  if k.startswith(DOWN_RESIDUALS + ".")),
+                         "mid_block_additional_residual": extra[MID_RESIDUAL]}
         return self.unet(sample, timestep[index], encoder_hidden_states, timestep_cond=extra.get("timestep_cond"),
-                         added_cond_kwargs=added, return_dict=False)[0]
+                         added_cond_kwargs=added, return_dict=False, **residuals)[0]
+
+
+def _unet_inputs(c: Any, timestep: Axis = B) -> list[TensorSpec]:
+    """sample, timestep, encoder_hidden_states (+ SDXL's added conditioning): what a UNet and a ControlNet share."""
+    inputs = [
+        _f32("sample", B, c.in_channels, H, W),
+        TensorSpec("timestep", "float32", (timestep,), value_range=(0, 1000)),
+        _f32("encoder_hidden_states", B, S, c.cross_attention_dim),
+    ]
+    if c.addition_embed_type == "text_time":  # SDXL's added conditioning
+        time_dim = 6 * c.addition_time_embed_dim
+        inputs += [
+            _f32("text_embeds", B, c.projection_class_embeddings_input_dim - time_dim),
+            _f32("time_ids", B, 6),
+        ]
+    return inputs
+
+
+def residual_layout(c: Any) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """(channels, latent divisor) of each down-block residual and of the mid-block one, from a
+    UNet/ControlNet config: conv_in's output, each resnet's, each downsampler's."""
+    channels = list(c.block_out_channels)
+    layers = c.layers_per_block
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers] * len(channels)
+    down, per = [(channels[0], 1)], 1
+    for i, ch in enumerate(channels):
+        down += [(ch, per)] * layers[i]
+        if i < len(channels) - 1:
+            per *= 2
+            down.append((ch, per))
+    return down, (channels[-1], per)
+
+
+DOWN_RESIDUALS = "down_block_additional_residuals"  # the UNet's inputs, as diffusers' UNet forward names them
+MID_RESIDUAL = "mid_block_additional_residual"
+DOWN_SAMPLES = "down_block_res_samples"  # the ControlNet's outputs, as diffusers' ControlNetOutput names them
+MID_SAMPLE = "mid_block_res_sample"
+
+
+def _residual(name: str, channels: int, per: int) -> TensorSpec:
+    return _f32(name, B, channels, Axis("height", per=per), Axis("width", per=per))
+
+
+def residual_specs(c: Any, down_name: str, mid_name: str) -> list[TensorSpec]:
+    down, (mid_ch, mid_per) = residual_layout(c)
+    return [*(_residual(f"{down_name}.{i}", ch, per) for i, (ch, per) in enumerate(down)),
+            _residual(mid_name, mid_ch, mid_per)]
 
 
 class UNetExporter(ComponentExporter):
     kind = "unet"
     role = "denoiser"
+    controlled_kind = "unet_controlled"  # the same UNet taking a ControlNet's residuals (Component.controlled)
 
     def spec(self, pipe, geometry, dims):
         unet = self.module(pipe)
@@ -223,19 +279,9 @@ class UNetExporter(ComponentExporter):
         # The timestep has its own dim (a graph input name of its own), equal to the batch wherever
         # diffprism feeds it; the graph also takes one timestep for the whole batch (see _UNetWrapper).
         steps = derived("timestep_batch", (dims["batch"],))
-        inputs = [
-            _f32("sample", B, c.in_channels, H, W),
-            TensorSpec("timestep", "float32", (Axis("timestep_batch"),), value_range=(0, 1000)),
-            _f32("encoder_hidden_states", B, S, c.cross_attention_dim),
-        ]
+        inputs = _unet_inputs(c, Axis("timestep_batch"))
         if c.get("time_cond_proj_dim"):  # LCM: the guidance scale as an embedding, as optimum names it
-            inputs.append(TensorSpec("timestep_cond", "float32", (B, c.time_cond_proj_dim), value_range=(-1, 1)))
-        if c.addition_embed_type == "text_time":  # SDXL's added conditioning
-            time_dim = 6 * c.addition_time_embed_dim
-            inputs += [
-                _f32("text_embeds", B, c.projection_class_embeddings_input_dim - time_dim),
-                _f32("time_ids", B, 6),
-            ]
+            inputs.insert(3, TensorSpec("timestep_cond", "float32", (B, c.time_cond_proj_dim), value_range=(-1, 1)))
         outputs = (_f32("out_sample", B, c.out_channels, H, W),)
         return ComponentSpec(
             self.name, tuple(inputs), outputs, (dims["batch"], dims["height"], dims["width"], dims["sequence"], steps)
@@ -247,6 +293,62 @@ class UNetExporter(ComponentExporter):
     def latent_facts(self, module):
         ups = len(module.config.down_block_types) - 1
         return max(8, 2**ups), module.config.sample_size
+
+
+class ControlledUNetExporter(UNetExporter):
+    """The UNet of a ControlNet pipeline: also takes the ControlNet's down-block and mid-block residuals
+    (diffusers' argument names, one input per down-block residual: `down_block_additional_residuals.{i}`)."""
+
+    kind = "unet_controlled"
+    controlled_kind = None
+
+    def spec(self, pipe, geometry, dims):
+        base = super().spec(pipe, geometry, dims)
+        residuals = residual_specs(self.module(pipe).config, DOWN_RESIDUALS, MID_RESIDUAL)
+        return ComponentSpec(self.name, (*base.inputs, *residuals), base.outputs, base.dims)
+
+
+# --- ControlNet ------------------------------------------------------------------------
+
+
+class _ControlNetWrapper(nn.Module):
+    def __init__(self, controlnet: nn.Module, added_cond: bool):
+        super().__init__()
+        self.controlnet = controlnet
+        self.added_cond = added_cond
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        if self.added_cond:
+            text_embeds, time_ids, controlnet_cond, conditioning_scale = rest
+            added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        else:
+            (controlnet_cond, conditioning_scale), added = rest, None
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond=controlnet_cond,
+                                    conditioning_scale=conditioning_scale, added_cond_kwargs=added,
+                                    guess_mode=False, return_dict=False)
+        return (*down, mid)
+
+
+class ControlNetExporter(ComponentExporter):
+    """ControlNetModel: the UNet's inputs plus the control image (pixels) and a conditioning scale (an
+    input, so it is not baked in) -> `down_block_res_samples.{i}` and `mid_block_res_sample`."""
+
+    kind = "controlnet"
+    role = "control"
+    guided = True  # runs on the denoiser's classifier-free guidance batch
+
+    def spec(self, pipe, geometry, dims):
+        c = self.module(pipe).config
+        f = geometry.vae_scale_factor
+        inputs = [*_unet_inputs(c),
+                  _f32("controlnet_cond", B, c.conditioning_channels, Axis("height", f), Axis("width", f)),
+                  TensorSpec("conditioning_scale", "float32", (1,), value_range=(0.5, 1.5))]
+        outputs = residual_specs(c, DOWN_SAMPLES, MID_SAMPLE)
+        return ComponentSpec(self.name, tuple(inputs), tuple(outputs),
+                             (dims["batch"], dims["height"], dims["width"], dims["sequence"]))
+
+    def wrap(self, module, spec):
+        return _ControlNetWrapper(module, "time_ids" in spec.input_names)
 
 
 # --- diffusion transformers (DiT) ----------------------------------------------------------
@@ -395,7 +497,7 @@ class VaeDecoderExporter(ComponentExporter):
 
 KINDS: dict[str, type[ComponentExporter]] = {
     k.kind: k for k in (ClipTextExporter, ClipTextProjectionExporter, T5EncoderExporter, UNetExporter,
-                        SD3TransformerExporter, FluxTransformerExporter, VaeEncoderExporter, VaeDecoderExporter)
+                        ControlledUNetExporter, ControlNetExporter, SD3TransformerExporter, FluxTransformerExporter, VaeEncoderExporter, VaeDecoderExporter)
 }
 
 # Module class name -> kind. A subclass finds its kind through its base classes (kind_of).
@@ -404,6 +506,7 @@ KIND_BY_CLASS: dict[str, str] = {
     "CLIPTextModelWithProjection": "clip_text_projection",
     "T5EncoderModel": "t5_encoder",
     "UNet2DConditionModel": "unet",
+    "ControlNetModel": "controlnet",
     "SD3Transformer2DModel": "sd3_transformer",
     "FluxTransformer2DModel": "flux_transformer",
 }

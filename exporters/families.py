@@ -24,6 +24,7 @@ class Component:
     outputs: tuple[str, ...] = ()  # extra outputs the pipeline consumes ("hidden_states")
     generation: bool = True  # text-to-image runs it (the VAE encoder is for image-to-image)
     t5_sequence: int = 0  # a T5 encoder: the tokens its pipeline pads to (the max_sequence_length default)
+    controlled: bool = False  # a denoiser taking a ControlNet's residuals: its kind's `controlled_kind`
 
     @property
     def source(self) -> str:
@@ -62,6 +63,12 @@ class Family:
                 raise SourceError(f"the pipeline has no '{c.source}' (needed for component '{name}')",
                                   "add the component to the model folder or leave it out with --components")
             kind = kind_of(module, name)
+        if c.controlled:
+            controlled = KINDS[kind].controlled_kind
+            if controlled is None:
+                raise SourceError(f"component '{name}' ({kind}) cannot take ControlNet residuals",
+                                  "use a UNet pipeline for ControlNet")
+            kind = controlled
         return KINDS[kind](name=c.name, attribute=c.source, outputs=c.outputs)
 
     def present(self, pipe: Any) -> list[str]:
@@ -102,6 +109,20 @@ FAMILIES = (
         ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline"),
         (_clip("text_encoder", "tokenizer"), Component("unet"), *VAE),
         guidance=False,
+    ),
+    # ControlNet pipelines: the ControlNet is its own component; the UNet takes its residuals as inputs.
+    Family(
+        "sd-controlnet",
+        ("StableDiffusionControlNetPipeline",),
+        (_clip("text_encoder", "tokenizer"), Component("controlnet"), Component("unet", controlled=True), *VAE),
+        guidance=True,
+    ),
+    Family(
+        "sdxl-controlnet",
+        ("StableDiffusionXLControlNetPipeline",),
+        (_clip("text_encoder", "tokenizer", hidden_states=True), _clip("text_encoder_2", "tokenizer_2", True),
+         Component("controlnet"), Component("unet", controlled=True), *VAE),
+        guidance=True,
     ),
     # SD3/3.5: CLIP-L and CLIP-G with projection (pooled text_embeds + penultimate hidden state), a T5
     # encoder (optional: the pipeline pads zeros without it), an MMDiT, a 16-channel VAE.

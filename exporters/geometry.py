@@ -29,6 +29,7 @@ class Geometry:
     shift_factor: float | None = None  # VAE latents shift (SD3, Flux)
     t5_sequence: int = 0  # T5 tokens the pipeline pads to (SD3 256, Flux 512); 0: no T5 dim
     latent_packing: int = 1  # the denoiser takes p x p latent patches packed into tokens (Flux: 2)
+    guided: tuple[str, ...] = ()  # components besides the denoiser on its guidance batch (a ControlNet)
 
     @property
     def pixel_multiple(self) -> int:
@@ -40,17 +41,22 @@ class Geometry:
 
     def batch_factor(self, component: str) -> int:
         """Batch of `component` per image: the denoiser sees 2 latents per image under guidance."""
-        return 2 if self.guidance and component == self.denoiser else 1
+        return 2 if self.guidance and (component == self.denoiser or component in self.guided) else 1
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["guided"] = list(self.guided)
+        if not self.guided:
+            del data["guided"]  # trees without a ControlNet keep their geometry record (and stage keys)
         data["max_sequence"] = dict(self.max_sequence)
         data["vocab_size"] = dict(self.vocab_size)
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Geometry":
-        return cls(**dict(data))
+        data = dict(data)
+        data["guided"] = tuple(data.get("guided", ()))
+        return cls(**data)
 
 
 def compute(pipe: Any, family: Any) -> Geometry:
@@ -61,9 +67,11 @@ def compute(pipe: Any, family: Any) -> Geometry:
     max_sequence, vocab = {}, {}
     # The T5 length is the pipeline's padding (max_sequence_length), also when an optional T5 is absent.
     t5_sequence = max((c.t5_sequence for c in family.components), default=0)
-    denoiser = None
+    denoiser, guided = None, []
     for name in family.present(pipe):
         exporter = family.exporter(pipe, name)
+        if exporter.guided:
+            guided.append(name)
         if exporter.role == "text_encoder":
             component = family.component(name)
             tokenizer = getattr(pipe, component.tokenizer, None) if component.tokenizer else None
@@ -95,6 +103,7 @@ def compute(pipe: Any, family: Any) -> Geometry:
         shift_factor=None if shift is None else float(shift),
         t5_sequence=t5_sequence,
         latent_packing=denoiser.latent_packing,
+        guided=tuple(guided),
     )
 
 

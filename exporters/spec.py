@@ -95,13 +95,26 @@ def derived(name: str, sources: Iterable[Dim], per: int = 1) -> Dim:
 
 @dataclass(frozen=True)
 class Axis:
-    """One axis of a tensor that follows a dynamic dim, possibly scaled (image = 8 * latent)."""
+    """One axis of a tensor that follows a dynamic dim, possibly scaled: scale / per times the dim
+    (image = 8 * latent; a UNet's down-block residual = latent / 4)."""
 
     dim: str
     scale: int = 1
+    per: int = 1  # divisor: fractions of a dim (the dim's multiple_of must make them whole)
+
+    def size(self, value: int) -> int:
+        """The axis' length when its dim is `value`."""
+        return value * self.scale // self.per
 
     def label(self) -> str:
-        return self.dim if self.scale == 1 else f"{self.scale}*{self.dim}"
+        text = self.dim if self.scale == 1 else f"{self.scale}*{self.dim}"
+        return text if self.per == 1 else f"{text}/{self.per}"
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"dim": self.dim, "scale": self.scale}
+        if self.per != 1:
+            data["per"] = self.per
+        return data
 
 
 @dataclass(frozen=True)
@@ -122,13 +135,13 @@ class TensorSpec:
         return {
             "name": self.name,
             "dtype": self.dtype,
-            "axes": [a if isinstance(a, int) else {"dim": a.dim, "scale": a.scale} for a in self.axes],
+            "axes": [a if isinstance(a, int) else a.to_json() for a in self.axes],
             "value_range": list(self.value_range) if self.value_range else None,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TensorSpec":
-        axes = tuple(a if isinstance(a, int) else Axis(a["dim"], a.get("scale", 1)) for a in data["axes"])
+        axes = tuple(a if isinstance(a, int) else Axis(a["dim"], a.get("scale", 1), a.get("per", 1)) for a in data["axes"])
         vr = data.get("value_range")
         return cls(data["name"], data["dtype"], axes, tuple(vr) if vr else None)
 
@@ -152,6 +165,9 @@ class ComponentSpec:
             for a in t.axes:
                 if isinstance(a, Axis) and a.dim not in known:
                     raise ValueError(f"{self.name}.{t.name} uses unknown dim {a.dim!r}")
+                if isinstance(a, Axis) and a.per > 1 and (self.dim(a.dim).multiple_of * a.scale) % a.per:
+                    raise ValueError(f"{self.name}.{t.name}: {a.label()} is not whole for every value of "
+                                     f"{a.dim!r} (a multiple of {self.dim(a.dim).multiple_of})")
 
     # -- lookups -----------------------------------------------------------------------
     def dim(self, name: str) -> Dim:
@@ -198,7 +214,7 @@ class ComponentSpec:
         return values
 
     def shape(self, tensor: TensorSpec, values: Mapping[str, int]) -> tuple[int, ...]:
-        return tuple(a if isinstance(a, int) else values[a.dim] * a.scale for a in tensor.axes)
+        return tuple(a if isinstance(a, int) else a.size(values[a.dim]) for a in tensor.axes)
 
     def input_shapes(self, point: str | Mapping[str, int] = "opt") -> dict[str, tuple[int, ...]]:
         values = self.dim_values(point)
@@ -253,11 +269,11 @@ class ComponentSpec:
                             f"{self.name}.{t.name}: axis {i} is {size} but must be {axis}", "fix the input shape"
                         )
                     continue
-                if size % axis.scale:
+                if (size * axis.per) % axis.scale:
                     raise ShapeError(
                         f"{self.name}.{t.name}: axis {i} = {size} is not a multiple of {axis.scale}", "fix the input shape"
                     )
-                value = size // axis.scale
+                value = size * axis.per // axis.scale
                 if seen.setdefault(axis.dim, value) != value:
                     raise ShapeError(
                         f"{self.name}.{t.name}: dim '{axis.dim}' is {value} here but {seen[axis.dim]} in another input",

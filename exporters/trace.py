@@ -1,6 +1,7 @@
 """Trace a wrapped component once with torch.export, with dynamic dims from its spec."""
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -15,21 +16,32 @@ log = logging.getLogger(__name__)
 
 def dynamic_shapes(spec: ComponentSpec) -> dict[str, dict[int, object]]:
     """torch.export dynamic_shapes for the spec's inputs (static dims are left out)."""
-    base = {}
+    roots = {}
     for d in spec.dims:
         if d.is_static:
             continue
         m = d.multiple_of
         # torch.export expresses "multiple of m" as m * Dim(range / m).
-        root = torch.export.Dim(f"{d.name}_div{m}" if m > 1 else d.name, min=d.min // m, max=d.max // m)
-        base[d.name] = root * m if m > 1 else root
+        roots[d.name] = (torch.export.Dim(f"{d.name}_div{m}" if m > 1 else d.name, min=d.min // m, max=d.max // m), m)
     shapes = {}
     for t in spec.inputs:
         axes = {}
         for i, a in enumerate(t.axes):
-            if isinstance(a, Axis) and a.dim in base:
-                axes[i] = base[a.dim] * a.scale if a.scale > 1 else base[a.dim]
+            if isinstance(a, Axis) and a.dim in roots:
+                root, m = roots[a.dim]
+                factor = a.size(m)  # the axis is root * (m * scale / per); whole by ComponentSpec's check
+                axes[i] = root * factor if factor > 1 else root
         shapes[t.name] = axes
+    return shapes
+
+
+def _by_signature(wrapper: nn.Module, shapes: tuple) -> tuple:
+    """dynamic_shapes laid out as the forward's parameters: inputs taken by *args form one tuple
+    (a wrapper whose input count follows the model, e.g. a UNet's ControlNet residuals)."""
+    params = list(inspect.signature(wrapper.forward).parameters.values())
+    for i, p in enumerate(params):
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            return (*shapes[:i], tuple(shapes[i:]))
     return shapes
 
 
@@ -51,7 +63,7 @@ def trace(wrapper: nn.Module, spec: ComponentSpec, fake_mode=None) -> torch.expo
     try:
         with torch.no_grad():
             shapes = dynamic_shapes(spec)
-            ordered = tuple(shapes[name] for name in spec.input_names)
+            ordered = _by_signature(wrapper, tuple(shapes[name] for name in spec.input_names))
             return torch.export.export(wrapper, args, dynamic_shapes=ordered, strict=False)
     except Exception as exc:  # torch raises many types here; one clear message is what users need
         raise ExportError(

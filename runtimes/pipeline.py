@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -23,12 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from exporters.components import DOWN_RESIDUALS, DOWN_SAMPLES, MID_RESIDUAL, MID_SAMPLE
 from exporters.errors import SourceError, UsageError
 from exporters.families import family_named
 from exporters.geometry import Geometry
 from exporters.spec import ComponentSpec, dim_opt
 from exporters.tree import read_tree_info
 from runtimes.base import Runner
+from runtimes.control import control_digest, control_options
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,8 @@ class UNetShim(_Shim):
             self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, timestep_cond=None,
-                cross_attention_kwargs=None, added_cond_kwargs=None, return_dict: bool = True, **_: Any):
+                cross_attention_kwargs=None, added_cond_kwargs=None, return_dict: bool = True,
+                down_block_additional_residuals=None, mid_block_additional_residual=None, **_: Any):
         names = self.runner.spec.input_names
         if cross_attention_kwargs:
             raise UsageError("the exported UNet takes no cross_attention_kwargs", "generate without attention processors")
@@ -103,18 +107,63 @@ class UNetShim(_Shim):
             raise UsageError("the exported UNet takes timestep_cond" if timestep_cond is None else
                              "the exported UNet takes no timestep_cond",
                              "generate with the family's own pipeline (LCM's embeds the guidance scale)")
-        batch = sample.shape[0]
-        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
-        feed = {"sample": sample.float(), "timestep": t, "encoder_hidden_states": encoder_hidden_states.float()}
+        feed = _unet_feed(self.runner.spec, sample, timestep, encoder_hidden_states, added_cond_kwargs)
         if timestep_cond is not None:
             feed["timestep_cond"] = timestep_cond.float()
-        if "time_ids" in names:
-            if not added_cond_kwargs:
-                raise UsageError("the SDXL UNet needs text_embeds and time_ids", "use StableDiffusionXLPipeline")
-            feed["text_embeds"] = added_cond_kwargs["text_embeds"].float()
-            feed["time_ids"] = added_cond_kwargs["time_ids"].float()
+        if MID_RESIDUAL in names:
+            if down_block_additional_residuals is None or mid_block_additional_residual is None:
+                raise UsageError("this UNet was exported to take a ControlNet's residuals",
+                                 "run it in its ControlNet pipeline")
+            down = [n for n in names if n.startswith(DOWN_RESIDUALS + ".")]
+            if len(down) != len(down_block_additional_residuals):
+                raise UsageError(f"the UNet takes {len(down)} down-block residuals, the ControlNet gave "
+                                 f"{len(down_block_additional_residuals)}", "export the pipeline again")
+            feed.update({n: r.float() for n, r in zip(down, down_block_additional_residuals)})
+            feed[MID_RESIDUAL] = mid_block_additional_residual.float()
+        elif down_block_additional_residuals is not None or mid_block_additional_residual is not None:
+            raise UsageError("this UNet was exported without ControlNet residual inputs",
+                             "export the ControlNet pipeline (its UNet takes them)")
         out = self._run(feed)["out_sample"]
         return SimpleNamespace(sample=out) if return_dict else (out,)
+
+
+def _unet_feed(spec: ComponentSpec, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+               added_cond_kwargs) -> dict[str, Any]:
+    """The inputs a UNet and a ControlNet share: per-sample timestep, SDXL's added conditioning."""
+    batch = sample.shape[0]
+    t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
+    feed = {"sample": sample.float(), "timestep": t, "encoder_hidden_states": encoder_hidden_states.float()}
+    if "time_ids" in spec.input_names:
+        if not added_cond_kwargs:
+            raise UsageError(f"the SDXL {spec.name} needs text_embeds and time_ids", "use an SDXL pipeline")
+        feed["text_embeds"] = added_cond_kwargs["text_embeds"].float()
+        feed["time_ids"] = added_cond_kwargs["time_ids"].float()
+    return feed
+
+
+class _ControlNetShim(_Shim):
+    """A ControlNet runner. diffusers' ControlNet pipelines check isinstance(ControlNetModel), so the
+    shim class made from this one (controlnet_shim) is one, without building (or holding) its layers."""
+
+    def __init__(self, runner: Runner, config: Mapping[str, Any]):
+        nn.Module.__init__(self)  # not ControlNetModel's: it would build the whole network
+        self.runner = runner
+        self._internal_dict = _frozen(config)  # ConfigMixin.config reads it
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, controlnet_cond=None,
+                conditioning_scale=1.0, class_labels=None, timestep_cond=None, attention_mask=None,
+                added_cond_kwargs=None, cross_attention_kwargs=None, guess_mode: bool = False,
+                return_dict: bool = True, **_: Any):
+        if guess_mode or class_labels is not None or timestep_cond is not None or cross_attention_kwargs:
+            raise UsageError("the exported ControlNet takes no guess_mode, class labels, timestep_cond or "
+                             "attention kwargs", "generate without them")
+        feed = _unet_feed(self.runner.spec, sample, timestep, encoder_hidden_states, added_cond_kwargs)
+        feed["controlnet_cond"] = controlnet_cond.float()
+        feed["conditioning_scale"] = torch.as_tensor(conditioning_scale, dtype=torch.float32).reshape(1)
+        out = self._run(feed)
+        down = tuple(out[n] for n in self.runner.spec.output_names if n.startswith(DOWN_SAMPLES + "."))
+        mid = out[MID_SAMPLE]
+        return SimpleNamespace(down_block_res_samples=down, mid_block_res_sample=mid) if return_dict else (down, mid)
 
 
 class T5Shim(_Shim):
@@ -184,8 +233,20 @@ class VaeDecoderShim(_Shim):
         return self.decode(z, return_dict=False)[0]
 
 
+@functools.cache
+def _controlnet_shim_class() -> type:
+    from diffusers import ControlNetModel  # imported when a ControlNet runs, not with this module
+
+    return type("ControlNetShim", (_ControlNetShim, ControlNetModel), {})
+
+
+def controlnet_shim(runner: Runner, config: Mapping[str, Any]) -> _Shim:
+    return _controlnet_shim_class()(runner, config)
+
+
 SHIMS = {"clip_text": TextEncoderShim, "clip_text_projection": TextEncoderShim, "t5_encoder": T5Shim,
-         "unet": UNetShim, "sd3_transformer": SD3TransformerShim, "flux_transformer": FluxTransformerShim,
+         "unet": UNetShim, "unet_controlled": UNetShim, "controlnet": controlnet_shim,
+         "sd3_transformer": SD3TransformerShim, "flux_transformer": FluxTransformerShim,
          "vae_decoder": VaeDecoderShim}  # by exporter kind (the spec's meta)
 
 
@@ -289,11 +350,15 @@ class Request:
     width: int = 512
     guidance_scale: float = 7.5
     max_sequence_length: int | None = None  # T5 tokens (SD3, Flux); None: the pipeline's default
+    control_image: str | None = None  # a ControlNet pipeline's control image (PNG path); None: the drawn default
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
-        if data["max_sequence_length"] is None:  # UNet families: the same record (and cache key) as before
-            del data["max_sequence_length"]
+        for key in ("max_sequence_length", "control_image"):  # unset: the same record (and cache key) as before
+            if data[key] is None:
+                del data[key]
+        if self.control_image is not None:
+            data["control_image_sha256"] = control_digest(self.control_image)
         return data
 
 
@@ -350,9 +415,10 @@ def for_export(request: Request, specs: Mapping[str, ComponentSpec]) -> Request:
 
 def _call_options(pipe: Any, request: Request) -> dict[str, Any]:
     """Arguments only some pipelines take, passed only when the request sets them: the negative prompt
-    (LCM's pipeline has none) and the T5 length (SD3, Flux)."""
+    (LCM's pipeline has none), the T5 length (SD3, Flux), a ControlNet pipeline's control image (the
+    request's, or the drawn default)."""
     params = inspect.signature(type(pipe).__call__).parameters
-    options: dict[str, Any] = {}
+    options = control_options(pipe, request.control_image, request.height, request.width)
     if request.negative_prompt is not None:
         if "negative_prompt" not in params:
             raise UsageError(f"{type(pipe).__name__} takes no negative prompt", "leave --negative-prompt unset")

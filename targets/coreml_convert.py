@@ -150,10 +150,10 @@ def input_types(spec: ComponentSpec, mode: str, enumeration: Mapping[str, Any] |
                     continue
                 d = spec.dim(a.dim)
                 if mode == "range" and not d.is_static:
-                    dims.append(ct.RangeDim(lower_bound=d.min * a.scale, upper_bound=d.max * a.scale,
-                                            default=d.opt * a.scale))
+                    dims.append(ct.RangeDim(lower_bound=a.size(d.min), upper_bound=a.size(d.max),
+                                            default=a.size(d.opt)))
                 else:
-                    dims.append(d.opt * a.scale)
+                    dims.append(a.size(d.opt))
             shape = ct.Shape(dims)
         types.append(ct.TensorType(name=t.name, shape=shape, dtype=coreml_dtype(t)))
     return types
@@ -206,9 +206,9 @@ def describe_tensor(spec: ComponentSpec, tensor: TensorSpec, mode: str, enumerat
         d = spec.dim(a.dim)
         label = a.label()
         if mode == "static" or d.is_static:
-            parts.append(f"{label}={d.opt * a.scale}")
+            parts.append(f"{label}={a.size(d.opt)}")
         else:
-            parts.append(f"{label} in [{d.min * a.scale}, {d.max * a.scale}]")
+            parts.append(f"{label} in [{a.size(d.min)}, {a.size(d.max)}]")
     return f"{dtype}, [{', '.join(parts)}]"
 
 

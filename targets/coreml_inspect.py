@@ -73,7 +73,7 @@ def expected_shapes(spec: ComponentSpec, tensor_name: str, mode: str, points: li
             ranges.append([a, a])
         else:
             d = spec.dim(a.dim)
-            ranges.append([d.min * a.scale, d.max * a.scale])
+            ranges.append([a.size(d.min), a.size(d.max)])
     return {"range": ranges}
 
 

@@ -246,7 +246,7 @@ def _partial_shapes(spec: ComponentSpec) -> dict[str, list]:
                 shape.append(a)
             else:
                 d = dims[a.dim]
-                shape.append(d.min * a.scale if d.is_static else [d.min * a.scale, d.max * a.scale])
+                shape.append(a.size(d.min) if d.is_static else [a.size(d.min), a.size(d.max)])
         shapes[t.name] = shape
     return shapes
 

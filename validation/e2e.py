@@ -94,9 +94,11 @@ class E2EResult:
 
 
 def requests_for(prompts: Sequence[str], *, size: tuple[int, int], steps: int, seed: int = 0,
-                 guidance_scale: float = 7.5, negative_prompt: str | None = None) -> list[Request]:
+                 guidance_scale: float = 7.5, negative_prompt: str | None = None,
+                 control_image: str | None = None) -> list[Request]:
     """One request per prompt, each with its own seed (seed, seed + 1, ...)."""
-    return [Request(p, negative_prompt, seed + i, steps, size[0], size[1], guidance_scale) for i, p in enumerate(prompts)]
+    return [Request(p, negative_prompt, seed + i, steps, size[0], size[1], guidance_scale, control_image=control_image)
+            for i, p in enumerate(prompts)]
 
 
 def check_pipeline(reference: Sequence[Generation], pipe: Any, requests: Sequence[Request], *, geometry: Geometry,

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from diffprism.commands.common import out_dir, parse_options
+from diffprism.commands.imagecheck import add_control_image_arg
 from exporters.errors import EXIT_OK
 
 
@@ -24,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--size", help="N or HxW in pixels (default: the export's preferred size)")
     p.add_argument("--out", type=Path, default=Path("image.png"), help="PNG to write (default image.png)")
     p.add_argument("--option", action="append", help="runner option KEY=VALUE (repeatable)")
+    add_control_image_arg(p)
     p.set_defaults(func=run)
 
 
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace, ui) -> int:
         raise UsageError(f"--steps {args.steps} must be at least 1", "pass e.g. --steps 20")
     default = Placement.parse(f"{args.target}:{args.precision}" if args.precision else args.target, args.dir)
     height, width = parse_size(args.size, args.dir)
-    request = Request(args.prompt, args.negative_prompt, args.seed, args.steps, height, width, args.guidance_scale)
+    request = Request(args.prompt, args.negative_prompt, args.seed, args.steps, height, width, args.guidance_scale,
+                      control_image=args.control_image)
     with folder_lock(args.dir), ui.progress("generate") as update:
         info = generate_job(args.dir, request, default=default, overrides=parse_component_targets(args.component_target),
                             image_path=args.out, runner_options=parse_options(args.option), progress=update)

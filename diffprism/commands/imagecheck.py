@@ -15,6 +15,18 @@ def add_e2e_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--e2e-steps", type=int, default=STEPS, help=f"denoising steps per image (default {STEPS})")
     parser.add_argument("--e2e-size", help="N or HxW in pixels (default: the export's preferred size)")
     parser.add_argument("--e2e-guidance-scale", type=float, default=7.5, help="guidance scale (default 7.5)")
+    add_control_image_arg(parser)
+
+
+def add_control_image_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--control-image", type=_control_path, metavar="PNG",
+                        help="a ControlNet pipeline's control image (default: a drawn edge map of two shapes)")
+
+
+def _control_path(text: str) -> str:
+    from pathlib import Path
+
+    return str(Path(text).resolve())
 
 
 def e2e_requests(args: argparse.Namespace) -> list:
@@ -25,7 +37,8 @@ def e2e_requests(args: argparse.Namespace) -> list:
     if args.e2e_steps < 1:
         raise UsageError(f"--e2e-steps {args.e2e_steps} must be at least 1", "pass e.g. --e2e-steps 10")
     return requests_for(args.e2e_prompt or PROMPTS, size=parse_size(args.e2e_size, args.dir),
-                        steps=args.e2e_steps, guidance_scale=args.e2e_guidance_scale)
+                        steps=args.e2e_steps, guidance_scale=args.e2e_guidance_scale,
+                        control_image=args.control_image)
 
 
 def run_e2e(args: argparse.Namespace, progress, runner_options) -> list:
