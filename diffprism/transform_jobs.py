@@ -1,4 +1,4 @@
-"""diffprism compress: a compressed copy of an export (exporters.compress.transform) as a new export folder."""
+"""diffprism compress and refit: a transformed copy of an export (compressed students, LoRA weights) as a new export folder."""
 from __future__ import annotations
 
 import copy
@@ -13,17 +13,23 @@ from exporters.files import clean_staging
 Progress = Callable[[str], None]
 
 
-def compress_job(out: Path, dst: Path, *, transform: str, options: dict[str, Any] | None = None,
-                 components: list[str] | None = None, progress: Progress | None = None,
-                 request: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write <dst> (onnx/, reference/, torch/, manifest last) from the export in <out>; returns the record."""
+def _transform_base(out: Path, dst: Path, what: str) -> dict[str, Any]:
+    """The base export's manifest, once <dst> is checked to be a new, clean output folder."""
     if Path(dst).resolve() == Path(out).resolve():
-        raise UsageError("the compressed export needs its own folder", "pass --out with a new folder")
+        raise UsageError(f"the {what} export needs its own folder", "pass --out with a new folder")
     data = manifest.load(out)
     if not data or not data.get("source"):
         raise SourceError(f"{out} has no manifest recording its source", "re-run 'diffprism export SOURCE --out DIR'")
     manifest.check_output_folder(dst)
     clean_staging(dst)
+    return data
+
+
+def compress_job(out: Path, dst: Path, *, transform: str, options: dict[str, Any] | None = None,
+                 components: list[str] | None = None, progress: Progress | None = None,
+                 request: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write <dst> (onnx/, reference/, torch/, manifest last) from the export in <out>; returns the record."""
+    data = _transform_base(out, dst, "compressed")
     try:
         compress_options = options_for(transform, **(options or {}))
     except TypeError as exc:
@@ -53,13 +59,7 @@ def refit_job(out: Path, dst: Path, *, adapters: list[Any], progress: Progress |
     from exporters import lora
     from exporters.refit import refit_export
 
-    if Path(dst).resolve() == Path(out).resolve():
-        raise UsageError("the refit export needs its own folder", "pass --out with a new folder")
-    data = manifest.load(out)
-    if not data or not data.get("source"):
-        raise SourceError(f"{out} has no manifest recording its source", "re-run 'diffprism export SOURCE --out DIR'")
-    manifest.check_output_folder(dst)
-    clean_staging(dst)
+    data = _transform_base(out, dst, "refit")
     recorded = data["source"]
     base_adapters = lora.from_record(recorded.get("adapters"))
     raw = {k: v for k, v in recorded.items() if k != "adapters"}

@@ -1,26 +1,14 @@
 """benchmarks/flux_size.py: argument handling, the plan and the disk plan, on tiny-flux (nothing is exported)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(BENCH))  # the script imports tree_rss beside it
-    try:
-        spec = importlib.util.spec_from_file_location("bench_flux_size", BENCH / "flux_size.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+def script(load_bench):
+    return load_bench("flux_size")
 
 
 def test_dry_run_plans_every_step_with_its_disk(script, tmp_path, capsys):

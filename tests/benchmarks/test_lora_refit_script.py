@@ -1,25 +1,12 @@
 """benchmarks/lora_refit.py's argument handling and LoRA file, on tiny-sd (no measured runs)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))  # the script imports tree_rss beside it
-    try:
-        spec = importlib.util.spec_from_file_location("bench_lora_refit", BENCH / "lora_refit.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+def bench(load_bench):
+    return load_bench("lora_refit")
 
 
 def test_arguments_and_commands(bench, tmp_path):

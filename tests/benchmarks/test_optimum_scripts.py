@@ -1,26 +1,11 @@
 """The optimum comparison scripts' own logic, without optimum: the venv side is a stand-in interpreter."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))  # the scripts import their siblings (tree_rss)
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def _export(root: Path, with_openvino: bool) -> Path:
@@ -39,8 +24,8 @@ def _fake_python(path: Path, row: dict) -> Path:
 
 
 @pytest.fixture
-def loaders(monkeypatch):
-    mod = _load("optimum_loaders")
+def loaders(monkeypatch, load_bench):
+    mod = load_bench("optimum_loaders")
     seen = []
 
     def torch_image(export, size, args, dest):
@@ -88,8 +73,8 @@ def test_loaders_name_a_missing_interpreter(loaders, tmp_path):
     assert code == 1 and "make optimum-venvs" in rows[1]["error"]
 
 
-def test_vs_optimum_reads_reference_points_and_optimum_weight_warnings(tmp_path):
-    mod = _load("vs_optimum")
+def test_vs_optimum_reads_reference_points_and_optimum_weight_warnings(tmp_path, load_bench):
+    mod = load_bench("vs_optimum")
     (tmp_path / "reference").mkdir()
     manifest = {"stages": {"export": {"streamed": True, "reference_points": "standard"}}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))

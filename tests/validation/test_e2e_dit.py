@@ -8,7 +8,7 @@ import pytest
 from diffprism.cli import main
 from diffprism.e2e_jobs import e2e_job
 from diffprism.placement import Placement, resolve
-from exporters.errors import EXIT_OK, EXIT_VALIDATION_FAILED
+from exporters.errors import EXIT_VALIDATION_FAILED
 from validation.e2e import requests_for
 
 from tests.validation.test_e2e import _record_as_exported, scale_unet_weights
