@@ -41,7 +41,8 @@ def _by_signature(wrapper: nn.Module, shapes: tuple) -> tuple:
     params = list(inspect.signature(wrapper.forward).parameters.values())
     for i, p in enumerate(params):
         if p.kind is inspect.Parameter.VAR_POSITIONAL:
-            return (*shapes[:i], tuple(shapes[i:]))
+            # torch.export sees the call's arguments, so no *args at all means no tuple for them
+            return (*shapes[:i], tuple(shapes[i:])) if shapes[i:] else shapes[:i]
     return shapes
 
 
