@@ -238,7 +238,7 @@ def has_capture(out: Path) -> bool:
 def compile_work(out: Path, variant: Variant, *, components: list[str] | None = None, source: SourceLoader,
                  progress: Progress | None = None):
     """Plan and build one variant from the ONNX tree; returns (BuildResult, its manifest entry)."""
-    info, specs = tree_specs(out)
+    _, specs = tree_specs(out)
     specs = select(specs, components)
     tgt = get_target(variant.target)
     config = variant.config(components)
