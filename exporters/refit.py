@@ -29,7 +29,7 @@ from exporters.errors import ExportError
 from exporters.export import ONNX_DIR, REFERENCE_DIR
 from exporters.families import exporter_for
 from exporters.files import staged_dir
-from exporters.streaming import FOLDED_FROM_KEY, map_weights
+from exporters.streaming import FOLDED_FROM_KEY, map_weights, prefix_of
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,9 @@ def refit_export(pipe: Any, out: Path, dst: Path, *, touched: Mapping[str, set[s
             exporter = exporter_for(pipe, name)
             module = exporter.module(pipe)
             wrapper = exporter.wrap(module, spec)
-            prefix = next(f"{n}." if n else "" for n, m in wrapper.named_modules() if m is module)
+            prefix = prefix_of(wrapper, module)
+            if prefix is None:
+                raise RefitError(f"the {name} exporter's wrapper does not hold its module", "export again with --lora")
             names = touched.get(exporter.attribute, set())
             weights = wrapper.state_dict()
             counts = rewrite_component(src / name, tree_dir / name, weights, {prefix + n for n in names})

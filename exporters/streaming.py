@@ -202,11 +202,12 @@ def has_no_storage(module: nn.Module) -> bool:
     return all(p.is_meta or isinstance(p, FakeTensor) or isinstance(p.data, FakeTensor) for p in module.parameters())
 
 
-def _prefix_of(wrapper: nn.Module, module: nn.Module) -> str:
+def prefix_of(wrapper: nn.Module, module: nn.Module) -> str | None:
+    """The state-dict prefix of `module` inside its exporter's wrapper (None if the wrapper does not hold it)."""
     for name, sub in wrapper.named_modules():
         if sub is module:
             return f"{name}." if name else ""
-    raise StreamingUnsupported("the component wrapper does not hold the module", "export without --streaming")
+    return None
 
 
 # --- export -----------------------------------------------------------------------------
@@ -344,7 +345,9 @@ def export_streamed(wrapper: nn.Module, module: nn.Module, spec: ComponentSpec, 
     """
     if not has_no_storage(module):
         raise StreamingUnsupported("the module holds real weights", "pass a meta-device copy (empty_copy)")
-    prefix = _prefix_of(wrapper, module)
+    prefix = prefix_of(wrapper, module)
+    if prefix is None:
+        raise StreamingUnsupported("the component wrapper does not hold the module", "export without --streaming")
     params = dict(wrapper.named_parameters(remove_duplicate=False))
     # A tied weight has several names (T5's shared / encoder.embed_tokens) and is saved under one of them.
     saved = _saved_names(params, source, prefix)
