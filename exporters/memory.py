@@ -1,7 +1,8 @@
 """Per-step memory estimates, checked before a step starts (never an OOM kill mid-write).
 
-An estimate is the bytes a step reads times a factor measured for that step (docs/design.md,
-"Flux-size in bounded memory"), plus a fixed overhead for the interpreter, torch and the graph.
+An estimate is the bytes a step reads times a factor for what that step holds at once (docs/design.md,
+"Flux-size in bounded memory"; derived from the step's code, not yet measured at full size), plus a
+fixed overhead for the interpreter, torch and the graph.
 The budget is `--memory-budget` / DIFFPRISM_MEMORY_BUDGET if set, else psutil's available memory.
 """
 from __future__ import annotations
