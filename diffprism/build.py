@@ -129,7 +129,8 @@ class Keys:
     def __init__(self, recipe: Recipe, hashes: HashCache | None = None, out: Path | None = None):
         self.recipe, self.hashes, self.out = recipe, hashes, out
         self.export = _digest({"source": source_identity(recipe, hashes),
-                               "export": recipe.digest("components", "shapes", "opset", "streaming", "reference_points"),
+                               "export": recipe.digest("components", "shapes", "opset", "streaming",
+                                                        "reference_points", "dtype"),
                                "tools": _tool_versions(EXPORT_TOOLS)})
         self.calibration = _digest({"export": self.export, "calibration": recipe.digest("calibration")})
 

@@ -6,6 +6,8 @@ how to validate them and where to publish.
 preset = "tiny-sd"            # or path = "models/sd15", or hub = "org/name" + revision = "<commit>"
 
 components = ["text_encoder", "vae_decoder"]   # optional subset (top-level keys go before any table)
+dtype = "bf16"                # storage dtype of the ONNX weights (default fp32), as 'export --dtype'
+memory_budget = "20G"         # memory the export may use, as 'export --memory-budget' (not in the content key)
 
 [shapes]
 batch = "1:1:2"               # images per call (the denoiser runs twice that under guidance); default as the CLI's
@@ -37,12 +39,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diffprism import presets
 from exporters.errors import DiffprismError, ShapeError, UsageError
+from exporters.memory import parse_bytes
 from exporters.spec import ShapeRequest
 from validation.e2e import STEPS as E2E_STEPS
 from validation.policy import Policy
@@ -182,12 +185,24 @@ class Recipe(_Model):
     opset: int = 18
     streaming: bool | None = None  # streamed export from a folder source (None: the export's default)
     reference_points: str | None = None  # PyTorch reference points, as 'diffprism export --reference-points'
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # storage dtype of the ONNX weights, as 'export --dtype'
+    # Memory the export may use, as 'export --memory-budget' (a machine limit, not part of the content key).
+    memory_budget: str | None = None
     shapes: ShapesSection = Field(default_factory=ShapesSection)
     build: list[BuildSpec] = Field(min_length=1)
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
     matrix: MatrixSection = Field(default_factory=MatrixSection)
     publish: PublishSection | None = None
+
+    @model_validator(mode="after")
+    def _readable_budget(self) -> "Recipe":
+        if self.memory_budget is not None:
+            try:
+                parse_bytes(self.memory_budget)
+            except UsageError as exc:
+                raise ValueError(exc.message) from None
+        return self
 
     @model_validator(mode="after")
     def _unique_builds(self) -> "Recipe":
@@ -216,8 +231,9 @@ class Recipe(_Model):
 
     def export_options(self) -> dict[str, Any]:
         """Export settings the recipe sets (unset ones keep the export job's defaults)."""
-        return {k: v for k, v in (("streaming", self.streaming), ("reference_points", self.reference_points))
-                if v is not None}
+        given = (("streaming", self.streaming), ("reference_points", self.reference_points),
+                 ("dtype", self.dtype), ("memory_budget", self.memory_budget))
+        return {k: v for k, v in given if v is not None}
 
     def digest(self, *sections: str) -> str:
         """sha256 of the named sections' canonical JSON: part of every stage key."""

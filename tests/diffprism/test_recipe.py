@@ -190,3 +190,49 @@ def test_flux_example_recipe_builds_and_passes_on_onnxruntime_and_openvino(tmp_p
     assert set(report.verdicts) == {"onnxruntime-fp32", "openvino-fp32"}
     assert all(v["status"] == "passed" for v in report.verdicts.values())
     assert set(report.images) == set(report.verdicts)  # the prompt ran end to end on both
+
+
+def test_dtype_and_memory_budget_reach_the_export_and_only_dtype_its_key():
+    from diffprism.build import Keys
+
+    plain = parse(BASE)
+    assert plain.export_options() == {"dtype": "fp32"}
+    half = parse('dtype = "bf16"\nmemory_budget = "20G"\n' + BASE)
+    assert half.export_options() == {"dtype": "bf16", "memory_budget": "20G"}
+    assert Keys(half).export != Keys(plain).export  # other weight bytes: another export
+    budget_only = parse('memory_budget = "20G"\n' + BASE)
+    assert Keys(budget_only).export == Keys(plain).export  # a machine limit, not content
+    with pytest.raises(RecipeError, match=r"r.toml:1: dtype: Input should be 'fp32', 'fp16' or 'bf16'"):
+        parse('dtype = "int8"\n' + BASE, "r.toml")
+    with pytest.raises(RecipeError, match=r"cannot read memory size 'lots'"):
+        parse('memory_budget = "lots"\n' + BASE, "r.toml")
+
+
+def test_a_bf16_recipe_builds_bf16_weights_that_pass_and_a_budget_it_cannot_meet_stops_it_early(tmp_path):
+    import onnx
+
+    from diffprism.build import run_build
+    from exporters.memory import MemoryBudgetError
+
+    recipe = parse('dtype = "bf16"\n' + BASE)
+    report = run_build(recipe, tmp_path / "bf16")
+    assert report.passed, report.verdicts
+    model = onnx.load(str(tmp_path / "bf16" / "onnx" / "text_encoder" / "model.onnx"), load_external_data=False)
+    stored = {t.data_type for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert onnx.TensorProto.BFLOAT16 in stored and onnx.TensorProto.FLOAT not in stored
+    with pytest.raises(MemoryBudgetError, match="memory-budget"):
+        run_build(parse('memory_budget = "1M"\n' + BASE), tmp_path / "tight")
+    assert not (tmp_path / "tight" / "onnx").exists()
+
+
+def test_readme_release_example_parses():
+    """The recipe README.md shows under 'Release example' is a valid recipe, every key documented there."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    section = text.split("## Release example", 1)[1]
+    example = re.search(r"```toml\n(.*?)```", section, re.S)[1]
+    recipe = parse(example, "README.md")
+    assert recipe.dtype == "fp32" and recipe.memory_budget == "20G" and recipe.reference_points == "opt"
+    assert len(recipe.build) >= 4
