@@ -51,8 +51,12 @@ def _models(pipe) -> dict[str, nn.Module]:
 
 
 def _config_of(module: nn.Module) -> dict:
+    """The model's architecture settings. Library bookkeeping (keys starting with '_') is left out:
+    diffusers' `_use_default_values` is a set saved as a list, in an order that changes with the
+    process's hash seed, and would give the same weights a new folder in every process."""
     config = module.config
-    return dict(config) if isinstance(config, dict) else config.to_dict()
+    items = dict(config) if isinstance(config, dict) else config.to_dict()
+    return {k: v for k, v in items.items() if not k.startswith("_")}
 
 
 def digest(name: str, seed: int, dtype: torch.dtype, pipe) -> str:

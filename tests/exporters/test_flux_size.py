@@ -176,6 +176,22 @@ def test_materialised_preset_is_cached_by_content(tmp_path, monkeypatch):
     assert preset_cache.digest("tiny-flux", 1, torch.float32, other) not in first.name
 
 
+def test_materialised_folder_is_the_same_in_every_process():
+    """The digest must not depend on the process: an export in a new process finds the folder the
+    materialise step wrote instead of writing a second copy (34 GB for flux-random)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from diffprism import presets, preset_cache; "
+            "print(preset_cache.digest('tiny-flux', 0, torch.bfloat16, "
+            "preset_cache.empty_build(presets.tiny_flux, 0)))")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+               for seed in (1, 2, 3)}
+    assert len(digests) == 1 and len(next(iter(digests))) == 16, digests
+
+
 @functools.lru_cache(maxsize=None)
 def _meta_pipeline(name: str):
     return preset_cache.empty_build(presets.PRESETS[name].build, 0)
