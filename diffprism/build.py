@@ -132,7 +132,9 @@ class Keys:
                                "export": recipe.digest("components", "shapes", "opset", "streaming",
                                                         "reference_points", "dtype"),
                                "tools": _tool_versions(EXPORT_TOOLS)})
-        self.calibration = _digest({"export": self.export, "calibration": recipe.digest("calibration")})
+        # 'auto' is resolved here: machines with different runtimes present make different captures.
+        self.calibration = _digest({"export": self.export, "calibration": recipe.digest("calibration"),
+                                    "runtime": jobs.capture_runtime(recipe.calibration.runtime)})
 
     def capture(self) -> str | None:
         """sha256 over the files of the capture in <out>/calibration as it is now (None: there is none)."""
@@ -291,7 +293,7 @@ class Builder:
         def run():
             cal = self.recipe.calibration
             done = jobs.calibrate_work(self.out, self._pipeline, prompts=cal.prompts, steps=cal.steps, seed=cal.seed,
-                                       progress=self.progress)
+                                       runtime=cal.runtime, progress=self.progress)
             return [calibration.CALIBRATION_DIR], {"info": done["info"], "entry": done["entry"]}
 
         return self.stage("calibration", self.keys.calibration, run)

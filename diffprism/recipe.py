@@ -167,6 +167,8 @@ class CalibrationSection(_Model):
     prompts: list[str] | None = None  # default: the built-in prompt set
     steps: int = Field(4, ge=1)
     seed: int = 0
+    # what runs the denoising loop, as 'calibrate --runtime': PyTorch, or the exported fp32 graph
+    runtime: Literal["torch", "openvino", "onnxruntime", "auto"] = "torch"
 
 
 class MatrixSection(_Model):

@@ -261,3 +261,32 @@ def test_validate_key_follows_the_runtime_configuration_the_variant_is_judged_at
     monkeypatch.setattr(type(get_target("openvino")), "runtime_options", lambda self, config: {"hint": "f16"})
     assert keys.compile(variant) == compiled
     assert keys.validate(variant) != before and keys.e2e(variant) != e2e_before
+
+
+def test_calibration_runtime_is_in_the_capture_key_and_reaches_the_capture(copy_built, recipe_text, monkeypatch):
+    from diffprism import jobs
+
+    plain = parse(recipe_text)
+    graph = parse(recipe_text + '\n[calibration]\nruntime = "openvino"\n')
+    assert graph.calibration.runtime == "openvino" and plain.calibration.runtime == "torch"
+    assert Keys(graph).export == Keys(plain).export and Keys(graph).calibration != Keys(plain).calibration
+    # 'auto' is keyed by the runtime it picks on this machine, not by the word.
+    monkeypatch.setattr(jobs, "capture_runtime", lambda runtime: "onnxruntime" if runtime == "auto" else runtime)
+    auto = parse(recipe_text + '\n[calibration]\nruntime = "auto"\n')
+    one = Keys(auto).calibration
+    monkeypatch.setattr(jobs, "capture_runtime", lambda runtime: "openvino" if runtime == "auto" else runtime)
+    assert Keys(auto).calibration != one
+    with pytest.raises(Exception, match="runtime"):
+        parse(recipe_text + '\n[calibration]\nruntime = "tensorrt"\n')
+
+    seen = []
+
+    def capture(out, source, **kwargs):
+        seen.append(kwargs["runtime"])
+        raise UsageError("capture stopped by the test", "none")
+
+    monkeypatch.setattr(jobs, "calibrate_work", capture)
+    int8 = recipe_text + '\n[calibration]\nruntime = "onnxruntime"\n\n[[build]]\ntarget = "onnxruntime"\nprecision = "int8"\n'
+    with pytest.raises(UsageError, match="stopped by the test"):
+        run_build(parse(int8), copy_built())
+    assert seen == ["onnxruntime"]
