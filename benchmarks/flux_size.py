@@ -15,7 +15,8 @@ Steps, in order (pick with --steps):
 
 Disk plan: before a step starts, what <work> holds plus the step's estimate must stay under
 --max-disk (default 70G) and the free space; otherwise the step is refused (not started). Each row
-reports exit code, wall seconds, peak RSS and peak RSS / the component's bf16 weight bytes.
+reports exit code, wall seconds, peak RSS and peak RSS / the component's bf16 weight bytes, and a
+per-stage profile (each RSS sample charged to the last log line of the step; logs in <work>/<step>.log).
 Results go to <work>/results.json; --clean removes <work> at the end.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tree_rss import run_sampled  # noqa: E402
+from tree_rss import run_profiled  # noqa: E402
 
 STEPS = ("materialise", "export-bf16", "export-fp16", "openvino-int8", "validate", "optimum")
 OPTIMUM_VENV = Path.home() / ".cache" / "diffprism" / "venvs" / "optimum-onnx"
@@ -79,7 +80,8 @@ def _du(path: Path) -> int:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "diffprism.cli", "-q", *args]
+    # -v: the stage lines the per-stage profile charges each RSS sample to (tree_rss.run_profiled)
+    return [sys.executable, "-m", "diffprism.cli", "-v", *args]
 
 
 def commands(args: argparse.Namespace) -> dict[str, list[str] | None]:
@@ -136,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"step": name, "refused": f"needs {step['disk_bytes'] / 1e9:.1f} GB with {held / 1e9:.1f} GB "
                          f"held ({args.max_disk_bytes / 1e9:.0f} GB allowed, {free / 1e9:.1f} GB free)"})
             break
-        code, seconds, peak = run_sampled(cmd, interval=0.05, env=env)
+        code, seconds, peak, stages = run_profiled(cmd, interval=0.05, env=env, log_path=args.work / f"{name}.log")
         rows.append({"step": name, "exit": code, "seconds": round(seconds, 1), "peak_rss": peak,
-                     "peak_over_weights": round(peak / weights[part], 3), "disk_after": _du(args.work)})
+                     "peak_over_weights": round(peak / weights[part], 3), "disk_after": _du(args.work),
+                     "stages": stages})
         print(json.dumps(rows[-1]), flush=True)
         if name == "export-fp16":
             shutil.rmtree(args.work / "export-fp16", ignore_errors=True)

@@ -162,6 +162,7 @@ def export_pipeline(
                                              memory_budget=memory_budget)
             notify(name, "reference")
             points = select_points(spec, reference_points)
+            log.info("%s: PyTorch references at %d point(s)", name, len(points))
             reference.save(reference.compute(wrapper, spec, points), ref_dir / f"{name}.npz")
             size = path.stat().st_size + (path.parent / onnx_writer.DATA_NAME).stat().st_size
             result.components.append(ComponentResult(name, spec, time.perf_counter() - start, size))

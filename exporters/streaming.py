@@ -357,12 +357,14 @@ def export_streamed(wrapper: nn.Module, module: nn.Module, spec: ComponentSpec, 
     if any(p.dtype == torch.bfloat16 for p in params.values()):
         raise StreamingUnsupported("bfloat16 modules are not streamed", "export without --streaming")
     fake_mode = _fake_parameters(module)
+    log.info("%s: tracing on the meta device", spec.name)  # stage lines: benchmarks profile memory by them
     try:
         program = trace(wrapper, spec, fake_mode=fake_mode)
     except ExportError as exc:
         raise StreamingUnsupported(f"tracing '{spec.name}' on the meta device failed: {exc.message}",
                                    "export without --streaming") from exc
     binder = _Binder(source, names, dtypes)
+    log.info("%s: converting to ONNX", spec.name)
     model = onnx_writer.to_onnx(program, spec, opset, prepare=binder.prepare)
     bound = binder.bind(model)
     del program
@@ -370,6 +372,7 @@ def export_streamed(wrapper: nn.Module, module: nn.Module, spec: ComponentSpec, 
              spec.name, binder.small + binder.large, binder.large, binder.small, bound)
     if edit is not None:
         edit(model)
+    log.info("%s: writing the graph and streaming its weights", spec.name)
     return onnx_writer.save(model, directory)
 
 
