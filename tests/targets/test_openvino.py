@@ -154,6 +154,16 @@ def test_int8_unet_has_quantized_activations(sd_builds):
     assert text["weights"].get("u8", 0) + text["weights"].get("i8", 0) > 0
 
 
+def test_every_unet_group_norm_is_one_op_in_each_precision(sd_builds, pipeline):
+    import torch
+
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in pipeline("tiny-sd").unet.modules())
+    for precision, result in sd_builds.items():
+        ops = ir_summary(_ir(result.out_dir, "unet"))["ops"]
+        assert ops.get("GroupNormalization", 0) == norms == result.details["unet"]["group_norms_fused"], precision
+        assert ops.get("MVN", 0) == sum(isinstance(m, torch.nn.LayerNorm) for m in pipeline("tiny-sd").unet.modules())
+
+
 def test_int4_has_4bit_weights(sd_builds):
     for name in ("unet", "text_encoder"):
         weights = ir_summary(_ir(sd_builds["int4"].out_dir, name))["weights"]
