@@ -1,7 +1,7 @@
 """Compile time, first call and steady calls of OpenVINO IRs, each in a fresh process.
 
     .venv/bin/python benchmarks/openvino_calls.py /tmp/bench/ovdeploy/openvino-fp16/unet/openvino_model.xml \\
-        /tmp/bench/ovdeploy-optimum-fp16/unet/openvino_model.xml \\
+        /tmp/bench/ovdeploy-optimum/optimum-fp16/unet/openvino_model.xml \\
         --shape sample=2,4,64,64 --shape timestep=2 --shape encoder_hidden_states=2,77,768
 
 The first call of a compiled model costs more than the later ones (the CPU plugin finishes its
@@ -17,6 +17,11 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from targets.openvino import ir_summary  # noqa: E402
 
 
 def measure(xml: str, shapes: dict[str, list[int]], calls: int) -> dict:
@@ -43,9 +48,7 @@ def measure(xml: str, shapes: dict[str, list[int]], calls: int) -> dict:
         t = time.perf_counter()
         request.infer(feed)
         times.append(time.perf_counter() - t)
-    ops = {}
-    for op in model.get_ops():
-        ops[op.get_type_name()] = ops.get(op.get_type_name(), 0) + 1
+    ops = ir_summary(model)["ops"]
     return {"xml": xml, "compile_s": round(compile_s, 5), "first_call_s": round(times[0], 5),
             "later_call_median_s": round(statistics.median(times[1:]), 5),
             "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
